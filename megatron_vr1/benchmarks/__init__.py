@@ -1,0 +1,1 @@
+"""Benchmarks behind `megatron-vr1 bench <name>`; each prints a table."""

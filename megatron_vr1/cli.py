@@ -1,0 +1,92 @@
+"""``megatron-vr1 <verb>``: the command-line entry point.
+
+Each verb lives in ``megatron_vr1.commands.<module>`` with ``add_arguments(parser)`` and ``run(args) -> int``.
+Only the chosen verb's module is imported, so ``--help`` is instant and torch loads only when needed.
+A verb whose module is not there yet says which issue brings it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    module: str
+    summary: str
+    issue: int
+
+
+VERBS: tuple[Verb, ...] = (
+    Verb("train", "train", "Vision-R1 GRPO (or SFT) from a recipe: rollout, reward, Megatron update, weight sync", 8),
+    Verb("eval", "eval", "Generate boxes with a checkpoint and score COCO / ODinW mAP by the paper's protocol", 9),
+    Verb("coco-eval", "coco_eval", "COCO bbox metrics of a detections json against a ground-truth json", 9),
+    Verb("score", "score", "Score completions with the Vision-R1 reward (official or paper preset)", 3),
+    Verb("convert", "convert", "Convert checkpoints between Hugging Face and Megatron (hf-to-mcore, mcore-to-hf, verify)", 6),
+    Verb("data", "data", "Build and check datasets (synth, coco, odinw, refcoco, tiny-model, check)", 4),
+    Verb("serve-rollout", "serve_rollout", "Launch an SGLang rollout server for a checkpoint", 7),
+    Verb("bench", "bench", "Benchmarks that print tables (reward, train, convert, sync, coco, scaling, ...)", 3),
+    Verb("plot", "plot", "Write PNG curves of a run's metrics (reward, KL, mAP, ...)", 8),
+    Verb("config", "config_cmd", "Show the resolved configuration of a recipe (config show --recipe NAME)", 2),
+)
+
+
+def _load(verb: Verb):
+    try:
+        return importlib.import_module(f"megatron_vr1.commands.{verb.module}")
+    except ModuleNotFoundError as e:
+        if e.name == f"megatron_vr1.commands.{verb.module}":
+            return None
+        raise
+
+
+def build_parser(selected: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-vr1",
+        description="Vision-R1 (criterion-driven GRPO for localization) on Megatron-Core with an SGLang rollout server.",
+        epilog="Run `megatron-vr1 <verb> --help` for a verb's options. Docs: README.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>", title="verbs")
+    for verb in VERBS:
+        p = sub.add_parser(verb.name, help=verb.summary, description=verb.summary)
+        if verb.name != selected:
+            continue
+        module = _load(verb)
+        if module is None:
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.set_defaults(_run=lambda args, v=verb: _not_yet(v))
+        else:
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def _not_yet(verb: Verb) -> int:
+    print(f"megatron-vr1 {verb.name}: not implemented yet; it arrives with issue #{verb.issue}.", file=sys.stderr)
+    return 2
+
+
+def _version() -> str:
+    from megatron_vr1 import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Built-in recipes. Each returns a complete RunConfig; variants derive from a base by replacement."""
+
+from __future__ import annotations
+
+from megatron_vr1.config.checkpoint import CheckpointConfig
+from megatron_vr1.config.data import DataConfig
+from megatron_vr1.config.grpo import GRPOConfig
+from megatron_vr1.config.log import LogConfig
+from megatron_vr1.config.model import ModelConfig
+from megatron_vr1.config.parallel import ParallelConfig
+from megatron_vr1.config.recipes import recipe
+from megatron_vr1.config.reward import RewardConfig
+from megatron_vr1.config.rollout import RolloutConfig
+from megatron_vr1.config.run import RunConfig
+
+
+@recipe
+def qwen25vl_7b_vision_r1() -> RunConfig:
+    """The released Vision-R1 recipe for Qwen2.5-VL-7B-Instruct on 2 nodes x 8 H100.
+
+    Hyper-parameters of Vision-R1/run_qwen_vision_r1.sh + TRL 0.14 defaults: G=4, 16 prompts per step,
+    lr 1e-6 linear, no warm-up, beta 0.04 (the paper says 0.2: --set grpo.beta=0.2), temperature 1.0,
+    512 new tokens, max_pixels 401408, one update per batch, k3 KL, std + 1e-4.
+    Layout: TP=4 x PP=1 x DP=2 per node for the policy; SGLang rollout servers on their own GPUs.
+    """
+    return RunConfig(
+        name="qwen25vl_7b_vision_r1",
+        model=ModelConfig(hf_path="checkpoints/Qwen2.5-VL-7B-Instruct", dtype="bfloat16"),
+        parallel=ParallelConfig(tensor_parallel=4, pipeline_parallel=1, sequence_parallel=True),
+        rollout=RolloutConfig(temperature=1.0, max_new_tokens=512, bucket_mb=1024),
+        reward=RewardConfig(preset="official"),
+        grpo=GRPOConfig(num_generations=4, prompts_per_step=16, lr=1e-6, beta=0.04, train_steps=3060),
+        data=DataConfig(train_path="data/vision_r1/train", max_pixels=401408, min_instances=1, max_instances=30),
+        checkpoint=CheckpointConfig(save_interval=200),
+        log=LogConfig(run_dir="runs/qwen25vl_7b_vision_r1"),
+    )
+
+
+@recipe
+def qwen25vl_3b_vision_r1() -> RunConfig:
+    """Qwen2.5-VL-3B-Instruct with the released hyper-parameters on one node x 8 H100 (TP=2, DP=4)."""
+    cfg = qwen25vl_7b_vision_r1()
+    cfg.name = "qwen25vl_3b_vision_r1"
+    cfg.model.hf_path = "checkpoints/Qwen2.5-VL-3B-Instruct"
+    cfg.parallel = ParallelConfig(tensor_parallel=2, pipeline_parallel=1, sequence_parallel=True)
+    cfg.log.run_dir = "runs/qwen25vl_3b_vision_r1"
+    return cfg
+
+
+@recipe
+def tiny_cpu_demo() -> RunConfig:
+    """The CPU demo: a ~2M-parameter Qwen2.5-VL on synthetic shapes, SGLang CPU rollout server."""
+    return RunConfig(
+        name="tiny_cpu_demo",
+        model=ModelConfig(hf_path="runs/demo/assets/tiny-qwen25vl", dtype="float32", transformer_impl="local"),
+        parallel=ParallelConfig(tensor_parallel=1, pipeline_parallel=1),
+        rollout=RolloutConfig(temperature=1.0, max_new_tokens=48, bucket_mb=64),
+        reward=RewardConfig(preset="official"),
+        grpo=GRPOConfig(num_generations=8, prompts_per_step=4, lr=1e-5, beta=0.0, train_steps=200,
+                        lr_schedule="constant"),
+        data=DataConfig(train_path="runs/demo/data/train.jsonl", val_path="runs/demo/data/val.jsonl",
+                        val_gt_path="runs/demo/data/val_gt.json", min_pixels=56 * 56, max_pixels=56 * 56),
+        checkpoint=CheckpointConfig(save_interval=50),
+        log=LogConfig(run_dir="runs/demo/grpo"),
+    )

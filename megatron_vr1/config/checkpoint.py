@@ -1,0 +1,21 @@
+"""CheckpointConfig: where and how often the full training state is saved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_vr1.config.base import require
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    save_dir: str = ""
+    """Defaults to <log.run_dir>/checkpoints when empty."""
+    save_interval: int = 200
+    keep_last: int = 3
+    resume: bool = True
+    """Continue from <save_dir>/latest when it exists."""
+
+    def __post_init__(self) -> None:
+        require(self.save_interval >= 1, "checkpoint.save_interval", self.save_interval, "use >= 1")
+        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "keep at least 1 checkpoint")

@@ -1,0 +1,60 @@
+"""GRPOConfig: the policy-optimisation algorithm (GRPO or SFT) and the optimiser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_vr1.config.base import require
+
+
+@dataclass(kw_only=True, slots=True)
+class GRPOConfig:
+    mode: Literal["grpo", "sft"] = "grpo"
+    num_generations: int = 4
+    """G: completions sampled per prompt (released recipe: 4)."""
+    prompts_per_step: int = 16
+    """Prompts per optimiser step (released recipe: 16 -> 64 completions)."""
+    train_steps: int = 1000
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    beta: float = 0.04
+    """KL coefficient (released script: TRL default 0.04; paper: 0.2)."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    updates_per_batch: int = 1
+    """Optimiser steps per rollout batch; 1 makes the PPO ratio identically 1 (released recipe)."""
+    loss_aggregation: Literal["sequence", "token"] = "sequence"
+    """"sequence": mean over tokens, then over sequences (released); "token": mean over all tokens."""
+    adv_eps: float = 1e-4
+    std_unbiased: bool = True
+    """torch.std default (N-1), as the released trainer uses."""
+    tis: bool = False
+    """Truncated importance sampling against the rollout engine's logprobs."""
+    tis_cap: float = 2.0
+    dynamic_sampling: bool = False
+    """Drop zero-variance groups and refill the batch (DAPO)."""
+    overlong_filter: bool = False
+    """Mask completions truncated at max_new_tokens out of the loss."""
+
+    def __post_init__(self) -> None:
+        require(self.num_generations >= 2 or self.mode == "sft", "grpo.num_generations", self.num_generations,
+                "GRPO needs at least 2 samples per prompt to form an advantage")
+        require(self.prompts_per_step >= 1, "grpo.prompts_per_step", self.prompts_per_step, "use >= 1")
+        require(self.train_steps >= 0, "grpo.train_steps", self.train_steps, "use >= 0")
+        require(self.lr > 0, "grpo.lr", self.lr, "use a positive learning rate")
+        require(0 <= self.min_lr <= self.lr, "grpo.min_lr", self.min_lr, "use a value in [0, lr]")
+        require(self.beta >= 0, "grpo.beta", self.beta, "use >= 0 (0 disables the KL term)")
+        require(0 <= self.clip_eps_low < 1, "grpo.clip_eps_low", self.clip_eps_low, "use a value in [0, 1)")
+        require(self.clip_eps_high >= 0, "grpo.clip_eps_high", self.clip_eps_high, "use >= 0")
+        require(self.updates_per_batch >= 1, "grpo.updates_per_batch", self.updates_per_batch, "use >= 1")
+        require(self.adv_eps >= 0, "grpo.adv_eps", self.adv_eps, "use >= 0")
+        require(self.tis_cap >= 1, "grpo.tis_cap", self.tis_cap, "use a cap >= 1 (e.g. 2)")
+        require(self.grad_clip >= 0, "grpo.grad_clip", self.grad_clip, "use >= 0 (0 disables clipping)")

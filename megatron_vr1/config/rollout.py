@@ -1,0 +1,36 @@
+"""RolloutConfig: the SGLang rollout servers, sampling, and weight sync."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_vr1.config.base import require
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutConfig:
+    engine: Literal["sglang", "hf"] = "sglang"
+    """"sglang": the SGLang HTTP server; "hf": the in-process transformers engine (reference / fallback)."""
+    server_urls: tuple[str, ...] = ()
+    """Attach to running servers instead of launching one (e.g. http://node3:30000)."""
+    host: str = "127.0.0.1"
+    """Bind address of a launched server. Only loopback unless you set it."""
+    port: int = 0
+    """0 picks a free port."""
+    api_key: str = ""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    request_timeout_s: float = 300.0
+    sync_transport: Literal["tensor", "distributed", "disk"] = "tensor"
+    bucket_mb: int = 512
+    """Weight-sync bucket size; buckets below ~512 MB have corrupted large models in SGLang."""
+
+    def __post_init__(self) -> None:
+        require(self.temperature >= 0.0, "rollout.temperature", self.temperature, "use a value >= 0 (0 = greedy)")
+        require(0.0 < self.top_p <= 1.0, "rollout.top_p", self.top_p, "use a value in (0, 1]")
+        require(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "use an integer >= 1")
+        require(0 <= self.port < 65536, "rollout.port", self.port, "use 0 (free port) or a port number")
+        require(self.bucket_mb >= 1, "rollout.bucket_mb", self.bucket_mb, "use a positive size in MB")
+        require(self.request_timeout_s > 0, "rollout.request_timeout_s", self.request_timeout_s, "use seconds > 0")

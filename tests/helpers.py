@@ -1,0 +1,28 @@
+"""Shared test helpers: running torchrun workers as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_vr1.parallel.env import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def torchrun(script: str | Path, nproc: int, args: list[str], out_dir: Path, timeout: float = 300.0) -> list[dict]:
+    """Run ``script`` under torchrun with ``nproc`` gloo ranks; each rank writes ``out_dir/rank{r}.json``.
+    Returns the per-rank results (rank order). Fails the test with the workers' output on error."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(script), "--out", str(out_dir), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
