@@ -1,0 +1,170 @@
+"""Streaming safetensors I/O: a lazy reader (one tensor at a time, opening only the files it needs) and a
+sharded writer (max shard size, HF index json, atomic renames).
+
+The reader validates every file header up front (offsets inside the file, a size cap on the header) so that
+a truncated download fails with the tensor's and the file's name before any conversion work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_vr1.convert.errors import ConversionError
+from megatron_vr1.convert.names import canonical_hf_name
+
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""A header larger than this is not a checkpoint we wrote or can trust (cap on input size)."""
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors header, checked against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConversionError(f"{path}: shorter than a safetensors header ({size} bytes); the file is "
+                                  f"truncated, download or convert it again")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise ConversionError(f"{path}: header length {n} does not fit the file ({size} bytes); the file is "
+                                  f"truncated or not safetensors, download or convert it again")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
+    header.pop("__metadata__", None)
+    body = size - 8 - n
+    for name, info in header.items():
+        end = info["data_offsets"][1]
+        if end > body:
+            raise ConversionError(f"{path}: tensor {name!r} ends at byte {end} but the data section has only {body} "
+                                  f"bytes; the file is truncated, download or convert it again")
+    return header
+
+
+class SafetensorsReader:
+    """Tensors of an HF checkpoint directory by canonical (on-disk layout) name, loaded lazily.
+
+    Accepts a sharded checkpoint (``model.safetensors.index.json``) or any ``*.safetensors`` files, with HF names
+    in either layout (on-disk or transformers 5 in-memory).
+    """
+
+    def __init__(self, hf_dir: str | Path):
+        self.dir = Path(hf_dir)
+        index = self.dir / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConversionError(f"{index}: not a valid safetensors index ({e}); restore the file") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        if not files:
+            raise ConversionError(f"{self.dir}: no *.safetensors files; pass the directory of a Hugging Face "
+                                  f"checkpoint saved with safetensors")
+        self._where: dict[str, tuple[str, str]] = {}  # canonical name -> (file, key as stored)
+        self._info: dict[str, dict] = {}
+        for fname in files:
+            path = self.dir / fname
+            if not path.exists():
+                raise ConversionError(f"{path}: listed in {INDEX_NAME} but missing; the checkpoint is incomplete")
+            for key, info in read_header(path).items():
+                name = canonical_hf_name(key)
+                if name in self._where:
+                    raise ConversionError(f"{path}: tensor {key!r} also stored in {self._where[name][0]}; remove the "
+                                          f"duplicate file")
+                self._where[name] = (fname, key)
+                self._info[name] = info
+        self._open: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def nbytes(self) -> int:
+        return sum(i["data_offsets"][1] - i["data_offsets"][0] for i in self._info.values())
+
+    def files(self) -> list[Path]:
+        return sorted({self.dir / f for f, _ in self._where.values()})
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by canonical name (a fresh CPU tensor)."""
+        if name not in self._where:
+            raise ConversionError(f"{name}: not in the HF checkpoint {self.dir}")
+        fname, key = self._where[name]
+        handle = self._open.get(fname)
+        if handle is None:
+            handle = self._open[fname] = safe_open(str(self.dir / fname), framework="pt")
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:  # safetensors raises its own types; re-raise with the tensor and file named
+            raise ConversionError(f"{self.dir / fname}: can't read tensor {key!r} ({e}); the file is corrupt") from None
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._where:
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors to ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes`` (a single
+    larger tensor gets its own shard) plus ``model.safetensors.index.json``; one shard is written as
+    ``model.safetensors`` without an index, as transformers does. Files are written under temporary names and
+    renamed only in :meth:`close`, so a crash never leaves a checkpoint that looks complete."""
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3):
+        if max_shard_bytes < 1:
+            raise ConversionError(f"max_shard_bytes={max_shard_bytes} is invalid: use a positive size in bytes")
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in names for _, names in self._shards):
+            raise ConversionError(f"{name}: written twice; the exporter produced a duplicate HF name")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        tmp = self.dir / f".tmp-shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(tmp), metadata={"format": "pt"})
+        self._shards.append((tmp, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Flush, rename shards to their final names, write the index. Returns the files written."""
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (tmp, names), fname in zip(self._shards, final):
+            os.replace(tmp, self.dir / fname)
+            weight_map.update({k: fname for k in names})
+        written = [self.dir / f for f in final]
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            tmp = self.dir / f".tmp-{INDEX_NAME}"
+            tmp.write_text(json.dumps(index, indent=2))
+            os.replace(tmp, self.dir / INDEX_NAME)
+            written.append(self.dir / INDEX_NAME)
+        return written
