@@ -144,6 +144,8 @@ def transformer_config_from_hf(hf_config: Any, model_cfg: ModelConfig, parallel_
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         # Micro-batches of different lengths go through the pipeline: exchange shapes before each p2p.
         variable_seq_lengths=parallel_cfg.pipeline_parallel > 1,
+        # Dense model; megatron's default MoE dispatcher ("allgather") refuses variable_seq_lengths even so.
+        moe_token_dispatcher_type="alltoall",
         attention_softmax_in_fp32=True,
         # CPU init builds the full weight on every rank and slices it: layouts then share exact weights.
         use_cpu_initialization=not on_gpu,
