@@ -59,12 +59,14 @@ def is_applied() -> bool:
 
 
 def check_version() -> None:
-    from megatron.core import package_info
+    from importlib.metadata import version
 
-    if package_info.__version__ != SUPPORTED_MEGATRON_CORE:
+    # The distribution version; megatron.core.package_info appends the *current directory's* git hash.
+    installed = version("megatron-core")
+    if installed != SUPPORTED_MEGATRON_CORE:
         raise UnsupportedMegatronVersion(
             f"the CPU compatibility layer patches private functions of megatron-core {SUPPORTED_MEGATRON_CORE}, "
-            f"but megatron-core {package_info.__version__} is installed. Install the pinned version "
+            f"but megatron-core {installed} is installed. Install the pinned version "
             f"(pip install megatron-core=={SUPPORTED_MEGATRON_CORE}) or run on a GPU, where no patch is applied.")
 
 
