@@ -90,6 +90,10 @@ class RewardBreakdown:
     n_gt: int = 0
     n_matched: int = 0
     mean_iou: float = 0.0
+    n_tp: int = 0
+    """Matched predictions whose overlap reaches the stage's true-positive threshold ξ0."""
+    stage: str = ""
+    """Refinement stage that scored it: "plain", "beginner" or "advanced"."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -1,0 +1,198 @@
+"""The Vision-R1 criterion-driven reward for a batch of completions (spec vision-r1.md §1, §2, §8).
+
+``score_batch`` parses each completion once (Python: json.loads is per string), then does the geometry,
+matching and criteria for the whole batch on padded [B, P, G] arrays. Per completion:
+
+* format: dual format check (loose = released, strict = paper), inverted on negative samples by the
+  released code;
+* recall: true positives (matched overlap vs ξ0) / num_instances, then f(x) with the stage's (ξ1, ξ2);
+* precision: per matched instance f(overlap) with the stage's band, averaged over matched pairs
+  (released) or over all predictions;
+* total: their sum (or mean).
+
+Negative sample (num_instances == 0) with predicted boxes: the released code crashes there (torch.cat of
+an empty ground-truth list, then a division by num_instances = 0). We define recall = precision = 0: every
+box on an image without objects is a false positive. With no boxes, recall = precision = 1 (as released).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from megatron_vr1.config.reward import RewardConfig, RewardRules
+from megatron_vr1.rewards.boxes import pairwise_iou_giou, pairwise_l1
+from megatron_vr1.rewards.matching import match_batch
+from megatron_vr1.rewards.extract import extract_batch
+from megatron_vr1.rewards.schedule import RefinementSchedule
+from megatron_vr1.rewards.target import RewardTarget
+from megatron_vr1.types import RewardBreakdown
+
+MAX_ABS_COORD = 1e9
+"""Predicted coordinates beyond this (model space) are dropped: they only produce inf/NaN geometry."""
+
+
+def _class_ids(labels: list, kept: np.ndarray, targets: Sequence[RewardTarget]) -> list[int]:
+    """Class id of each predicted label (released: stripped, lower-cased; unknown or non-string -> 0)."""
+    ids: list[int] = []
+    off = 0
+    for i, n in enumerate(kept.tolist()):
+        if n:
+            get = targets[i].target_id_maps.get
+            ids.extend([get(lb.strip().lower(), 0) if type(lb) is str else 0 for lb in labels[off:off + n]])
+            off += n
+    return ids
+
+
+def _band(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, inclusive: bool) -> np.ndarray:
+    """f(x): 0 below ξ1, 1 above ξ2 (or at it when inclusive), x in between."""
+    top = (x >= hi) if inclusive else (x > hi)
+    return np.where(x < lo, 0.0, np.where(top, 1.0, x))
+
+
+def _pad(flat: np.ndarray, bidx: np.ndarray, pos: np.ndarray, b: int, n: int, fill: float = 0.0) -> np.ndarray:
+    out = np.full((b, max(n, 1)) + flat.shape[1:], fill, dtype=flat.dtype)
+    out[bidx, pos] = flat
+    return out
+
+
+def _positions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sample index and position within the sample of each row of a flat, sample-ordered array."""
+    bidx = np.repeat(np.arange(len(counts)), counts)
+    starts = np.cumsum(counts) - counts
+    return bidx, np.arange(int(counts.sum())) - starts[bidx]
+
+
+def _stage_arrays(steps: Sequence[int | None], schedule: RefinementSchedule) -> tuple[list[str], np.ndarray]:
+    """Stage names and a [B, 5] array (ξ0, recall ξ1, ξ2, precision ξ1, ξ2); cached per distinct step."""
+    cache: dict[int | None, tuple[str, tuple[float, ...]]] = {}
+    names, rows = [], []
+    for s in steps:
+        if s not in cache:
+            st = schedule.stage_at(s)
+            th = st.thresholds
+            cache[s] = (st.name, (th.tp_threshold, *th.recall_band, *th.precision_band))
+        name, row = cache[s]
+        names.append(name)
+        rows.append(row)
+    return names, np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+
+
+def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg: RewardConfig | RewardRules,
+                step: int | None | Sequence[int | None] = None, *,
+                schedule: RefinementSchedule | None = None) -> list[RewardBreakdown]:
+    """Score each completion against its target; returns one float64 RewardBreakdown per completion.
+
+    ``step`` is the optimizer step (one for the batch, or one per completion); ``None`` = no step (released:
+    no differentiation). A fraction-based schedule needs ``schedule`` built with the run length. Never
+    raises on completion text: unparsable output scores format 0 and no boxes.
+    """
+    if len(completions) != len(targets):
+        raise ValueError(f"score_batch: {len(completions)} completions but {len(targets)} targets")
+    rules = cfg.rules() if isinstance(cfg, RewardConfig) else cfg
+    schedule = schedule or RefinementSchedule(rules)
+    b = len(completions)
+    if b == 0:
+        return []
+    steps = list(step) if isinstance(step, Sequence) else [step] * b
+    if len(steps) != b:
+        raise ValueError(f"score_batch: {len(steps)} steps for {b} completions")
+    stage_names, th = _stage_arrays(steps, schedule)
+    ex = extract_batch(completions, targets, rules)
+
+    # ---- flat predictions, grouped by completion in answer order; cap each completion's count ----------
+    boxes, owner, labels = ex.boxes, ex.owner, ex.labels
+    if len(owner) > 1 and not (np.diff(owner) >= 0).all():
+        order = np.argsort(owner, kind="stable")
+        boxes, owner, labels = boxes[order], owner[order], [labels[j] for j in order.tolist()]
+    n_parsed = ex.n_parsed
+    if n_parsed.max() > rules.max_predictions:
+        _, pos = _positions(n_parsed)
+        keep = pos < rules.max_predictions
+        boxes, owner, labels = boxes[keep], owner[keep], [lb for lb, k in zip(labels, keep.tolist()) if k]
+    finite = (np.abs(boxes) <= MAX_ABS_COORD).all(axis=1)
+    if not finite.all():
+        boxes, owner, labels = boxes[finite], owner[finite], [lb for lb, k in zip(labels, finite.tolist()) if k]
+    kept = np.bincount(owner, minlength=b)
+    bidx = owner
+    if rules.matching_cost == "released":
+        cls = np.asarray(_class_ids(labels, kept, targets), dtype=np.int64)
+    else:
+        cls = np.zeros(len(owner), dtype=np.int64)
+
+    # ---- rescale model coordinates to original-image pixels: x / input_width * width (release order) ----
+    w = np.fromiter((t.width for t in targets), dtype=np.float64, count=b)
+    h = np.fromiter((t.height for t in targets), dtype=np.float64, count=b)
+    if rules.output_format == "griffon_text":
+        dx, dy = np.ones(b), np.ones(b)
+    elif rules.coordinates == "absolute":
+        dx = np.fromiter((t.input_width for t in targets), dtype=np.float64, count=b)
+        dy = np.fromiter((t.input_height for t in targets), dtype=np.float64, count=b)
+    else:
+        dx, dy = np.full(b, 1000.0), np.full(b, 1000.0)
+    boxes[:, 0::2] = boxes[:, 0::2] / dx[bidx, None] * w[bidx, None]
+    boxes[:, 1::2] = boxes[:, 1::2] / dy[bidx, None] * h[bidx, None]
+
+    # Canonical order inside each sample: the result must not depend on the order of the predictions.
+    order = np.lexsort((cls, boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], bidx))
+    boxes, cls = boxes[order], cls[order]
+    bidx, pos = _positions(kept)
+    p_max = int(kept.max()) if b else 0
+    pred = _pad(boxes, bidx, pos, b, p_max)
+    pred_cls = _pad(cls, bidx, pos, b, p_max, fill=-1)
+
+    n_gt = np.fromiter((t.n_gt for t in targets), dtype=np.int64, count=b)
+    gbidx, gpos = _positions(n_gt)
+    g_max = int(n_gt.max())
+    gt = _pad(np.concatenate([t.gt_boxes for t in targets]), gbidx, gpos, b, g_max)
+    gt_cls = _pad(np.concatenate([t.gt_class_ids for t in targets]), gbidx, gpos, b, g_max, fill=-2)
+
+    # ---- geometry, box-prioritized matching ----------------------------------------------------------
+    iou, giou = pairwise_iou_giou(pred, gt)
+    overlap = giou if rules.iou_kind == "giou" else iou
+    cost = pairwise_l1(pred, gt) - giou  # DETR box cost, L1 on unnormalised pixels: box-dominated
+    if rules.matching_cost == "released":
+        cost -= pred_cls[:, :, None] == gt_cls[:, None, :]
+    matched, pred_of_gt = match_batch(cost, kept, n_gt)
+    val = np.take_along_axis(overlap, pred_of_gt[:, None, :], axis=1)[:, 0, :]
+    val = np.where(matched, val, 0.0)
+    n_matched = matched.sum(axis=1)
+
+    # ---- criteria ------------------------------------------------------------------------------------
+    tp_thr, r_lo, r_hi, p_lo, p_hi = (th[:, i:i + 1] for i in range(5))
+    if rules.tp_rule == "clamp":  # released modify_tensor(ξ0, ξ0): equal to ξ0 counts ξ0, not 1
+        tp_val = np.where(val < tp_thr, 0.0, np.where(val > tp_thr, 1.0, val))
+    else:
+        tp_val = (val >= tp_thr).astype(np.float64)
+    tp_sum = (tp_val * matched).sum(axis=1)
+    n_inst = np.fromiter((t.num_instances for t in targets), dtype=np.float64, count=b)
+    inclusive = rules.band_upper == "inclusive"
+    recall = _band(tp_sum / np.maximum(n_inst, 1.0), r_lo[:, 0], r_hi[:, 0], inclusive)
+
+    inst = np.where(val < tp_thr, 0.0, val) if rules.precision_gate else val
+    inst = _band(inst, p_lo, p_hi, inclusive) * matched
+    if rules.precision_denominator == "matched":
+        denom = n_matched.astype(np.float64)
+    else:
+        denom = np.maximum(n_parsed, kept).astype(np.float64)
+    precision = inst.sum(axis=1) / np.maximum(denom, 1.0)
+
+    has_boxes = kept > 0
+    negative = n_inst == 0
+    recall = np.where(has_boxes, np.where(negative, 0.0, recall), np.where(negative, 1.0, 0.0))
+    precision = np.where(has_boxes, np.where(negative, 0.0, precision), np.where(negative, 1.0, 0.0))
+    fmt = ex.format_ok.astype(np.float64)
+    if rules.negative_samples == "invert_format":
+        fmt = np.where(negative, 1.0 - fmt, fmt)
+    total = fmt + recall + precision
+    if rules.total == "mean":
+        total = total / 3.0
+    mean_ov = (val * matched).sum(axis=1) / np.maximum(n_matched, 1)
+    n_tp = ((val >= tp_thr) & matched).sum(axis=1)
+
+    cols = zip(fmt.tolist(), recall.tolist(), precision.tolist(), total.tolist(), n_parsed.tolist(),
+               n_gt.tolist(), n_matched.tolist(), mean_ov.tolist(), n_tp.tolist(), stage_names, ex.status)
+    return [RewardBreakdown(format=f, recall=r, precision=pr, total=tot, parse_status=st, n_pred=npd,
+                            n_gt=ng, n_matched=nm, mean_iou=mi, n_tp=nt, stage=sn)
+            for f, r, pr, tot, npd, ng, nm, mi, nt, sn, st in cols]
