@@ -10,7 +10,7 @@ import pytest
 from megatron_vr1.eval.coco_metrics import coco_metrics, validate_detections, validate_ground_truth
 from megatron_vr1.eval.detections import AnswerCounts, answer_to_detections
 from megatron_vr1.eval.parse import extract_fenced, parse_answer
-from megatron_vr1.eval.queries import EvalQuery, smart_resize
+from megatron_vr1.eval.queries import EvalQuery
 from megatron_vr1.eval.scoring import box_scores, token_char_ends
 
 FENCED = '```json\n[\n\t{"bbox_2d": [10, 20, 110, 220], "label": "dog"},\n\t{"bbox_2d": [5, 5, 50, 40], "label": "Cat"}\n]\n```'
@@ -148,10 +148,3 @@ def test_token_char_ends_with_multi_token_characters():
         out = "".join("" if pieces[i] == "\ufffd" else pieces[i] for i in ids)
         return out + ("\ufffd" if ids and pieces[ids[-1]] == "\ufffd" else "")
     assert token_char_ends([0, 1, 2, 3], decode) == [2, 2, 3, 4]
-
-
-@pytest.mark.parametrize("h,w", [(480, 640), (56, 56), (1000, 30), (4000, 3000), (20, 20)])
-def test_smart_resize_matches_transformers(h, w):
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
-
-    assert smart_resize(h, w) == tuple(hf_smart_resize(h, w, factor=28, min_pixels=28 * 28, max_pixels=12800 * 28 * 28))

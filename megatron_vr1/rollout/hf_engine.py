@@ -1,0 +1,258 @@
+"""``HFEngine``: the RolloutEngine protocol in-process with transformers' Qwen2.5-VL.
+
+It is the logprob reference for the SGLang engine and the Megatron policy, the fallback generator where SGLang
+cannot be installed, and a stand-in server for weight-sync tests (``update_weights``).
+
+Conventions (the same as the SGLang engine's):
+
+* ``Completion.logprobs`` are the **raw model log-probabilities** of the emitted tokens: ``log_softmax`` of the
+  unprocessed logits (temperature 1, no top-p), whatever sampling settings chose the token. This is what the
+  trainer compares against its own forward pass.
+* ``token_ids`` end with the stop token when generation stopped on EOS (``finish_reason="stop"``) and include
+  its logprob; a completion cut by ``max_new_tokens`` has ``finish_reason="length"``.
+* ``temperature == 0`` is greedy decoding.
+* A request with a ``seed`` is generated on its own (its n copies in one batch) after seeding torch, so its
+  output does not depend on the other requests of the call.
+
+Workarounds for transformers 5.23 (``shared/recipes/tiny-demo.md``, "Pitfalls found"): ``second_per_grid_ts`` is
+always passed (batched rope-index bug), ``num_return_sequences`` is never used (inputs are expanded here), and
+prompts are left padded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_vr1.rollout.engine import GenerationRequest, SamplingParams
+from megatron_vr1.types import Completion
+
+IMAGE_PAD = "<|image_pad|>"
+_IMAGE_PAD_RUN = re.compile(r"(?:<\|image_pad\|>)+")
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+"""Refuse encoded images above 64 MiB (a 12800*28*28-pixel PNG is ~30 MB)."""
+
+
+def _load_image(image: str | bytes | None, request_id: str):
+    from PIL import Image
+
+    if image is None:
+        return None
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            if len(image) > MAX_IMAGE_BYTES:
+                raise ValueError(f"request {request_id}: image is {len(image)} bytes, above the {MAX_IMAGE_BYTES} cap")
+            return Image.open(io.BytesIO(image)).convert("RGB")
+        path = Path(image)
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise ValueError(f"request {request_id}: image {path} is above the {MAX_IMAGE_BYTES} byte cap")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"request {request_id}: cannot read image {str(image)[:200]!r}: {e}") from None
+
+
+def hub_to_module_name(name: str) -> str:
+    """HF hub / safetensors parameter name -> transformers 5 module name for Qwen2.5-VL
+    (``visual.*`` -> ``model.visual.*``, ``model.*`` -> ``model.language_model.*``); module names pass through."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not re.match(r"model\.(visual|language_model)\.", name):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+class HFEngine:
+    """In-process generation with ``Qwen2_5_VLForConditionalGeneration`` loaded from an HF directory (safetensors)."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
+                 min_pixels: int | None = None, max_pixels: int | None = None, max_batch_size: int = 16,
+                 weight_version: int = 0) -> None:
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json); "
+                                    "export a checkpoint with `megatron-vr1 convert mcore-to-hf` first.")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} is invalid: use a positive integer")
+        self.device = torch.device(device)
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True,
+            attn_implementation="sdpa").to(self.device).eval()
+        pixel_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True, **pixel_kwargs)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # decoder-only batches: prompts must end at the same position
+        self.max_batch_size = max_batch_size
+        self._weight_version = weight_version
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = sorted(set(eos) | {self.tokenizer.eos_token_id} - {None})
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # keep_vars: Parameters themselves, and tied weights under both names (lm_head.weight shares embed_tokens).
+        self._params = dict(self.model.state_dict(keep_vars=True))
+
+    # ---- RolloutEngine protocol -------------------------------------------------------------------------------
+
+    @property
+    def weight_version(self) -> int:
+        return self._weight_version
+
+    def close(self) -> None:
+        self.model = None  # frees the weights; the engine is unusable afterwards
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        """``request.sampling.n`` completions per request, in request order (see the module doc for conventions)."""
+        results: dict[int, list[Completion]] = {}
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, req in enumerate(requests):
+            if req.sampling.seed is not None:
+                torch.manual_seed(req.sampling.seed)
+                results[i] = self._generate_group([req], req.sampling)[0]
+            else:
+                groups.setdefault(req.sampling, []).append(i)
+        for sampling, idx in groups.items():
+            per_chunk = max(1, self.max_batch_size // max(1, sampling.n))
+            for start in range(0, len(idx), per_chunk):
+                chunk = idx[start:start + per_chunk]
+                for i, comps in zip(chunk, self._generate_group([requests[i] for i in chunk], sampling)):
+                    results[i] = comps
+        return [results[i] for i in range(len(requests))]
+
+    # ---- helpers used by the evaluator and by parity tests -----------------------------------------------------
+
+    def render_prompt(self, problem: str, with_image: bool = True) -> str:
+        """The chat-formatted prompt of one user turn ``[image, text]`` with the generation prompt appended."""
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": problem}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Token ids -> text exactly as ``Completion.text`` is made (special tokens skipped)."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def input_size(self, image: str | bytes) -> tuple[int, int]:
+        """(width, height) of the image as the model sees it (``image_grid_thw * 14``)."""
+        grid = self.processor.image_processor(images=[_load_image(image, "input_size")], return_tensors="pt")
+        _t, gh, gw = (int(v) for v in grid["image_grid_thw"][0])
+        patch = self.processor.image_processor.patch_size
+        return gw * patch, gh * patch
+
+    @torch.no_grad()
+    def teacher_forced_logprobs(self, prompt: str, image: str | bytes | None,
+                                completion_token_ids: Sequence[int]) -> list[float]:
+        """Raw log-probabilities of ``completion_token_ids`` after ``prompt`` (one forward pass, no sampling)."""
+        inputs = self._encode([prompt], [_load_image(image, "teacher_forced")] if image is not None else None)
+        completion = torch.tensor([list(completion_token_ids)], dtype=inputs["input_ids"].dtype, device=self.device)
+        n_prompt = inputs["input_ids"].shape[1]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], completion], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(completion)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+        logits = self.model(**inputs, use_cache=False).logits[0, n_prompt - 1:-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion[0, :, None])[:, 0]
+        return logprobs.tolist()
+
+    # ---- weight updates ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Copy tensors (HF hub or module names) into the model and set ``weight_version``; returns the count.
+
+        ``version`` must be above the current one. Unknown names or shape mismatches raise before the version
+        changes (tensors already copied in this call stay copied, as with a partial SGLang update)."""
+        if version <= self._weight_version:
+            raise ValueError(f"weight version {version} is not above the current {self._weight_version}; "
+                             "versions must increase monotonically")
+        n = 0
+        for name, tensor in named_tensors:
+            target = self._params.get(hub_to_module_name(name))
+            if target is None:
+                raise KeyError(f"update_weights: {name!r} is not a parameter of this model")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(target.shape)}")
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            n += 1
+        self._weight_version = version
+        return n
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Replace every parameter (strict: all model parameters must be present) and set ``weight_version``."""
+        given = {hub_to_module_name(k) for k in state_dict}
+        missing = sorted(k for k, _ in self.model.named_parameters() if k not in given)
+        if missing:
+            raise KeyError(f"load_state_dict: {len(missing)} parameters missing, e.g. {missing[:3]}")
+        self.update_weights(state_dict.items(), version)
+
+    # ---- internals -------------------------------------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str], images: list[Any] | None) -> dict[str, torch.Tensor]:
+        # Prompts may come with <|image_pad|> already expanded (data.prompts.render_prompt); the processor
+        # expands it itself, so runs are collapsed to one placeholder per image first.
+        prompts = [_IMAGE_PAD_RUN.sub(IMAGE_PAD, p) for p in prompts]
+        inputs = self.processor(text=prompts, images=images, padding=True, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "image_grid_thw" in inputs:
+            # transformers 5.23: without it, batched get_rope_index iterates over the sequence length.
+            inputs["second_per_grid_ts"] = torch.ones(len(prompts), device=self.device)
+        return inputs
+
+    @torch.no_grad()
+    def _generate_group(self, reqs: list[GenerationRequest], sampling: SamplingParams) -> list[list[Completion]]:
+        n = sampling.n
+        images = [_load_image(r.image, r.request_id) for r in reqs]
+        if any(im is None for im in images) and not all(im is None for im in images):
+            # the processor takes one image list per batch; mixed batches are split
+            return [self._generate_group([r], sampling)[0] for r in reqs]
+        prompts = [r.prompt for r in reqs for _ in range(n)]  # expand here, not with num_return_sequences
+        batch_images = None if images[0] is None else [im for im in images for _ in range(n)]
+        inputs = self._encode(prompts, batch_images)
+        greedy = sampling.temperature == 0
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+                                          eos_token_id=self.eos_ids, pad_token_id=self.pad_id, output_logits=True,
+                                          return_dict_in_generate=True, top_k=None)
+        if not greedy:
+            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None)
+        if sampling.stop:
+            gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        out = self.model.generate(**inputs, **gen_kwargs)
+        n_prompt = inputs["input_ids"].shape[1]
+        new_tokens = out.sequences[:, n_prompt:]
+        raw_logits = torch.stack(out.logits, dim=1).float()  # [B, T, V] unprocessed
+        token_logprobs = torch.log_softmax(raw_logits, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
+        completions: list[list[Completion]] = []
+        for r_idx, req in enumerate(reqs):
+            group = []
+            for j in range(n):
+                row = r_idx * n + j
+                ids = new_tokens[row].tolist()
+                length, reason = self._finish(ids, sampling)
+                prompt_ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
+                group.append(Completion(
+                    sample_id=req.sample_id, request_id=f"{req.request_id}-{j}", text=self.decode(ids[:length]),
+                    token_ids=tuple(ids[:length]),
+                    logprobs=tuple(token_logprobs[row, :length].tolist()) if req.return_logprob else (),
+                    finish_reason=reason, weight_version=self._weight_version, prompt_token_ids=tuple(prompt_ids)))
+            completions.append(group)
+        return completions
+
+    def _finish(self, ids: list[int], sampling: SamplingParams) -> tuple[int, str]:
+        """(number of tokens that belong to the completion, finish reason)."""
+        for k, t in enumerate(ids):
+            if t in self.eos_ids:
+                return k + 1, "stop"
+        if sampling.stop:
+            for k in range(1, len(ids) + 1):
+                if any(s in self.decode(ids[:k]) for s in sampling.stop):
+                    return k, "stop"
+        return len(ids), "length"
