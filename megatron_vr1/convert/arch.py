@@ -37,11 +37,6 @@ class LMArch:
                                   f"num_key_value_heads={self.num_kv_heads}; fix config.json")
 
     @property
-    def mcore_prefix(self) -> str:
-        """Prefix of the language model in the Megatron state dict ("language_model." inside the VLM)."""
-        return "language_model." if self.has_vision else ""
-
-    @property
     def qkv_rows(self) -> int:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 

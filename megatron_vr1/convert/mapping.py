@@ -13,7 +13,7 @@ import torch
 from megatron_vr1.convert import transforms as T
 from megatron_vr1.convert.arch import LMArch
 from megatron_vr1.convert.errors import ConversionError
-from megatron_vr1.convert.names import VISION_PREFIX, Entry, lm_entries, vision_entry
+from megatron_vr1.convert.names import LM_PREFIX, VISION_PREFIX, Entry, lm_entries, vision_entry
 
 
 def expected_hf_shape(hf_name: str, arch: LMArch) -> tuple[int, ...] | None:
@@ -67,9 +67,10 @@ def to_hf(entry: Entry, full: torch.Tensor, arch: LMArch) -> list[tuple[str, tor
 class Table:
     """The concrete table of one checkpoint: Megatron name -> Entry, for lookup by the exporter."""
 
-    def __init__(self, arch: LMArch, vision_names: Iterable[str] = ()):
+    def __init__(self, arch: LMArch, vision_names: Iterable[str] = (), prefix: str = LM_PREFIX):
         self.arch = arch
-        self.lm = list(lm_entries(arch))
+        self.prefix = prefix
+        self.lm = list(lm_entries(arch, prefix))
         self.vision = [vision_entry(n) for n in vision_names]
         self.by_mcore = {e.mcore: e for e in self.lm + self.vision}
 
@@ -88,7 +89,7 @@ class Table:
 
 
 def iter_hf_to_mcore(arch: LMArch, get: Callable[[str], torch.Tensor], hf_names: Iterable[str],
-                     padded_vocab: int) -> Iterator[tuple[Entry, torch.Tensor]]:
+                     padded_vocab: int, prefix: str = LM_PREFIX) -> Iterator[tuple[Entry, torch.Tensor]]:
     """Stream (entry, full Megatron tensor), reading each HF tensor only when its entry is converted.
 
     ``get(name)`` returns an HF tensor by canonical (on-disk) name; ``hf_names`` lists what the checkpoint holds
@@ -97,7 +98,7 @@ def iter_hf_to_mcore(arch: LMArch, get: Callable[[str], torch.Tensor], hf_names:
     names = list(hf_names)
     present = set(names)
     used: set[str] = set()
-    for e in lm_entries(arch):
+    for e in lm_entries(arch, prefix):
         missing = [n for n in e.hf if n not in present]
         if missing:
             raise ConversionError(f"{missing[0]}: missing from the HF checkpoint (needed for {e.mcore}); the "

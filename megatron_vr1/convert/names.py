@@ -66,9 +66,14 @@ class Entry:
     layer: int | None = None
 
 
-def lm_entries(arch: LMArch) -> Iterator[Entry]:
-    """The language-model rows in checkpoint order (embedding, layers 0..L-1, final norm, output layer)."""
-    p = arch.mcore_prefix
+LM_PREFIX = "language_model."
+"""Where ``megatron_vr1.models.Qwen25VLModel`` keeps its GPTModel (also for text-only Qwen2 configs)."""
+
+
+def lm_entries(arch: LMArch, prefix: str = LM_PREFIX) -> Iterator[Entry]:
+    """The language-model rows in checkpoint order (embedding, layers 0..L-1, final norm, output layer).
+    ``prefix``: where the GPTModel sits in the Megatron state dict ("" for a bare GPTModel)."""
+    p = prefix
     yield Entry(p + EMBEDDING.mcore, EMBEDDING.hf, EMBEDDING.transform, EMBEDDING.tp)
     for layer in range(arch.num_layers):
         for r in LAYER_RULES:

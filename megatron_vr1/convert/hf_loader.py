@@ -1,0 +1,85 @@
+"""Load HF safetensors weights straight into a live Megatron model at any TP/PP (this rank's shards only).
+
+Used by the offline converter (a TP=1/PP=1 model, then a torch_dist save) and usable for online loading.
+Each rank reads only the HF tensors of its own parameters, one entry at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_vr1.convert.arch import arch_from_config
+from megatron_vr1.convert.errors import ConversionError
+from megatron_vr1.convert.exporter import unwrap
+from megatron_vr1.convert.mapping import Table, check_hf_shape, to_mcore
+from megatron_vr1.convert.names import EMBEDDING, LM_PREFIX, canonical_mcore_name, with_layer_index
+from megatron_vr1.convert.safetensors_io import SafetensorsReader
+from megatron_vr1.convert.tp import shard
+
+
+def _tp() -> tuple[int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1, 1
+    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size())
+
+
+def load_hf_weights(model: torch.nn.Module, reader: SafetensorsReader, hf_config: Any) -> int:
+    """Copy the HF checkpoint of ``reader`` into ``model`` (this rank's TP/PP shard). Returns the bytes read.
+
+    Raises ConversionError naming the tensor when one is missing, has the wrong shape for the config, or (on a
+    single-stage model) when the checkpoint holds tensors the table does not know.
+    """
+    arch = arch_from_config(hf_config)
+    bare = unwrap(model)
+    prefix = LM_PREFIX if hasattr(bare, "language_model") else ""
+    table = Table(arch, prefix=prefix)
+    tp_rank, tp, pp = _tp()
+    present = set(reader.names())
+    used: set[str] = set()
+    nbytes = 0
+    # Under PP a stage numbers its layers from 0; layer_number (1-based) is the global index.
+    layer_of = {name: m.layer_number - 1 for name, m in bare.named_modules()
+                if hasattr(m, "layer_number") and name.rsplit(".", 1)[-1].isdigit() and ".layers." in f".{name}"}
+    with torch.no_grad():
+        for raw, param in bare.state_dict(keep_vars=True).items():
+            if raw.endswith("_extra_state") or not isinstance(param, torch.Tensor):
+                continue
+            name = raw
+            for mod, g in layer_of.items():
+                if raw.startswith(mod + "."):
+                    name = with_layer_index(raw, g)
+                    break
+            name = canonical_mcore_name(name)
+            if arch.tie_word_embeddings and name == prefix + "output_layer.weight":
+                entry = table.entry(prefix + EMBEDDING.mcore)  # the last stage's copy of the tied embedding
+            else:
+                entry = table.entry(name)
+            missing = [n for n in entry.hf if n not in present]
+            if missing:
+                raise ConversionError(f"{missing[0]}: missing from the HF checkpoint {reader.dir} (needed for "
+                                      f"{name}); the checkpoint is incomplete or does not match the config")
+            tensors = []
+            for n in entry.hf:
+                t = reader.get(n)
+                check_hf_shape(n, t, arch, where=f"{reader.dir}: ")
+                nbytes += t.numel() * t.element_size()
+                tensors.append(t)
+            used.update(entry.hf)
+            padded = param.shape[0] * tp if entry.transform == "vocab" else arch.vocab_size
+            local = shard(to_mcore(entry, tensors, arch, padded), entry.tp, tp, tp_rank, name)
+            if tuple(local.shape) != tuple(param.shape):
+                raise ConversionError(f"{name}: the HF weights give a shard of shape {tuple(local.shape)} but the model "
+                                      f"has {tuple(param.shape)}; the config does not match the weights")
+            param.copy_(local)
+            del tensors, local
+    if pp == 1:
+        extra = sorted(present - used - ({"lm_head.weight"} if arch.tie_word_embeddings else set()))
+        if extra:
+            raise ConversionError(f"{extra[0]}: in the HF checkpoint {reader.dir} but not in the model ({len(extra)} "
+                                  f"such tensors); the config (layers, tie_word_embeddings, vision) does not match")
+    return nbytes

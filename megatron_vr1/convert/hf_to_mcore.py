@@ -1,0 +1,54 @@
+"""Offline HF -> Megatron: a Hugging Face safetensors checkpoint -> a torch_dist checkpoint loadable at any TP/PP.
+
+One process builds the model at TP=1/PP=1 (torch_dist stores global shapes, so the layout at load time is free)
+with the vocabulary padded for the target ``--tp``, streams the HF tensors into it one table entry at a time
+(each file opened lazily, each tensor read once), and saves. Peak memory is about one copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from megatron_vr1.convert.arch import arch_from_config, load_config, padded_vocab
+from megatron_vr1.convert.hf_loader import load_hf_weights
+from megatron_vr1.convert.mcore_ckpt import save_checkpoint
+from megatron_vr1.convert.safetensors_io import SafetensorsReader
+from megatron_vr1.convert.session import build, check_layout, ensure_parallel, hf_dtype, peak_rss_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertReport:
+    seconds: float
+    bytes_read: int
+    peak_rss_bytes: int
+    padded_vocab: int
+    dtype: str
+
+    def summary(self) -> str:
+        gb = self.bytes_read / 1e9
+        return (f"{gb:.3f} GB in {self.seconds:.2f} s ({gb / max(self.seconds, 1e-9):.2f} GB/s), peak RSS "
+                f"{self.peak_rss_bytes / 2**30:.2f} GiB, dtype {self.dtype}, padded vocab {self.padded_vocab}")
+
+
+def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                        dtype: str | None = None) -> ConvertReport:
+    """Write ``out_dir`` (torch_dist) from the HF checkpoint in ``hf_dir``; vocabulary padded for ``tp``.
+    ``dtype``: float32 / bfloat16 / float16, default the checkpoint's own."""
+    start = time.perf_counter()
+    config = load_config(hf_dir)
+    check_layout(config, tp, pp)
+    reader = SafetensorsReader(hf_dir)  # validates every header: a truncated file fails here, named
+    dtype = dtype or hf_dtype(reader)
+    padded = padded_vocab(arch_from_config(config).vocab_size, tp)
+    ensure_parallel(1, 1)
+    model = build(config, dtype, 1, 1, padded)
+    nbytes = load_hf_weights(model, reader, config)
+    reader.close()
+    save_checkpoint(model, out_dir, {"source": str(hf_dir), "padded_vocab": padded, "tp": tp, "pp": pp,
+                                     "dtype": dtype, "format": "torch_dist"})
+    report = ConvertReport(time.perf_counter() - start, nbytes, peak_rss_bytes(), padded, dtype)
+    (Path(out_dir) / "convert_report.json").write_text(json.dumps(asdict(report), indent=2))
+    return report

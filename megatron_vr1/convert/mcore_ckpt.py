@@ -1,0 +1,122 @@
+"""Megatron torch_dist checkpoints of a model: save (atomic), validate (clear errors), load at any TP/PP.
+
+torch_dist stores every tensor under its global shape, so a checkpoint written at one TP/PP layout loads at
+another as long as the padded vocabulary matches (``META_NAME`` records it). Validation runs before the load:
+a truncated ``.distcp`` file or a config whose shapes differ from the weights is reported with the tensor's name,
+instead of an exception from deep inside torch.distributed.checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_vr1.convert.errors import ConversionError
+from megatron_vr1.convert.exporter import unwrap
+
+META_NAME = "megatron_vr1_convert.json"
+"""Written next to the torch_dist files: the source, HF vocabulary, padded vocabulary, TP/PP and dtype."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """{checkpoint key: global shape} of the model's sharded state dict (factories expanded)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out = {}
+    for v in unwrap(model).sharded_state_dict().values():
+        items = v.build() if isinstance(v, ShardedTensorFactory) else [v]
+        for t in items if isinstance(items, (list, tuple)) else items.values():
+            if isinstance(t, ShardedTensor):
+                out[t.key] = tuple(t.global_shape)
+    return out
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / META_NAME
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def validate_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module | None = None) -> None:
+    """Check that every stored item lies inside its file and (with ``model``) that every tensor the model needs is
+    there with the model's global shape. Raises ConversionError naming the tensor and the fix."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / ".metadata").exists():
+        raise ConversionError(f"{ckpt}: no torch_dist checkpoint here (.metadata is missing); pass the directory "
+                              f"written by `megatron-vr1 convert hf-to-mcore` or by training")
+    try:
+        md = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as e:  # a torn .metadata pickle raises anything from EOFError to UnpicklingError
+        raise ConversionError(f"{ckpt / '.metadata'}: unreadable ({type(e).__name__}: {e}); the checkpoint is "
+                              f"corrupt, write it again") from None
+    sizes: dict[str, int] = {}
+    for index, info in md.storage_data.items():
+        path = ckpt / info.relative_path
+        if info.relative_path not in sizes:
+            sizes[info.relative_path] = path.stat().st_size if path.exists() else -1
+        if sizes[info.relative_path] < info.offset + info.length:
+            what = "is missing" if sizes[info.relative_path] < 0 else f"has {sizes[info.relative_path]} bytes"
+            raise ConversionError(f"{path}: tensor {index.fqn!r} needs bytes {info.offset}..{info.offset + info.length} "
+                                  f"but the file {what}; the checkpoint is truncated, write it again")
+    if model is None:
+        return
+    stored = md.state_dict_metadata
+    for key, shape in _sharded_tensors(model).items():
+        meta = stored.get(key)
+        if meta is None:
+            raise ConversionError(f"{ckpt}: tensor {key!r} is not in the checkpoint; the checkpoint is incomplete or "
+                                  f"was written for a different model config")
+        if tuple(getattr(meta, "size", ())) != shape:
+            raise ConversionError(f"{ckpt}: tensor {key!r} has shape {tuple(meta.size)} in the checkpoint but the model "
+                                  f"built from the config expects {shape}; use the config.json the checkpoint was "
+                                  f"converted from (a different vocab padding needs the same --tp at conversion)")
+
+
+def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Validate, then load a torch_dist checkpoint into ``model`` (this rank's TP/PP shard)."""
+    from megatron.core import dist_checkpointing
+
+    validate_checkpoint(ckpt_dir, model)
+    bare = unwrap(model)
+    loaded = dist_checkpointing.load(bare.sharded_state_dict(), str(ckpt_dir))
+    bare.load_state_dict(loaded, strict=True)
+
+
+def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Save ``model`` as torch_dist to ``out_dir`` (collective). Written to ``<out_dir>.tmp`` and renamed when
+    complete, so an interrupted save never looks like a checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out}: exists and is not empty; choose a new --out directory or delete it")
+    tmp = out.with_name(out.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # dist_checkpointing needs the directory to exist beforehand
+    _barrier()
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(tmp))
+    _barrier()
+    if _rank() == 0:
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    _barrier()
+    return out

@@ -1,0 +1,90 @@
+"""Build a Megatron model for conversion work, inside the current (or a fresh single-process) parallel state."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Any
+
+from megatron_vr1.convert.arch import arch_from_config
+from megatron_vr1.convert.errors import ConversionError
+
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def check_layout(hf_config: Any, tp: int, pp: int) -> None:
+    """TP must divide the attention and key/value heads, PP the layers; raise naming the option and the fix."""
+    arch = arch_from_config(hf_config)
+    if tp < 1 or pp < 1:
+        raise ConversionError(f"--tp {tp} --pp {pp}: both must be >= 1")
+    if arch.num_heads % tp or arch.num_kv_heads % tp:
+        raise ConversionError(f"--tp {tp} must divide the {arch.num_heads} attention heads and {arch.num_kv_heads} "
+                              f"key/value heads; choose a divisor of {arch.num_kv_heads}")
+    if arch.num_layers % pp:
+        raise ConversionError(f"--pp {pp} must divide the {arch.num_layers} layers; choose a divisor of them")
+
+
+def ensure_parallel(tp: int = 1, pp: int = 1) -> None:
+    """Initialise torch.distributed + megatron's groups at (tp, pp) unless this process already has them
+    (a plain process becomes a world of one on gloo; under torchrun the world must be a multiple of tp*pp)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vr1.config.parallel import ParallelConfig
+    from megatron_vr1.parallel import state
+
+    if ps.model_parallel_is_initialized() and (ps.get_tensor_model_parallel_world_size(),
+                                               ps.get_pipeline_model_parallel_world_size()) == (tp, pp):
+        return
+    state.initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+
+
+def build(hf_config: dict, dtype: str, tp: int, pp: int, padded_vocab: int):
+    """This rank's model chunk at the current (tp, pp), padded to exactly ``padded_vocab`` rows."""
+    from megatron_vr1.config.model import ModelConfig
+    from megatron_vr1.config.parallel import ParallelConfig
+    from megatron_vr1.models.build import build_model
+
+    arch = arch_from_config(hf_config)
+    if padded_vocab % tp or padded_vocab < arch.vocab_size:
+        raise ConversionError(f"padded vocabulary {padded_vocab} can't hold {arch.vocab_size} tokens split over "
+                              f"TP={tp}; convert again with --tp {tp}")
+    # padded_vocab_size(V, tp, m) = ceil(V / (m*tp)) * m*tp; with m*tp = padded it is exactly ``padded``.
+    cfg = ModelConfig(dtype=dtype, transformer_impl="local", make_vocab_size_divisible_by=padded_vocab // tp)
+    return build_model(hf_config, cfg, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+
+
+def hf_dtype(reader) -> str:
+    """The dtype of the HF checkpoint (that of its embedding), as a ModelConfig dtype name."""
+    name = "model.embed_tokens.weight"
+    code = reader._info.get(name, next(iter(reader._info.values())))["dtype"]
+    if code not in _DTYPES:
+        raise ConversionError(f"{reader.dir}: {name} has dtype {code}; only F32, BF16 and F16 are supported")
+    return _DTYPES[code]
+
+
+def checkpoint_padded_vocab(ckpt_dir: str | Path) -> int:
+    """Rows of the embedding stored in a torch_dist checkpoint (the vocabulary padding it was written with)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        md = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except FileNotFoundError:
+        raise ConversionError(f"{ckpt_dir}: no torch_dist checkpoint here (.metadata is missing)") from None
+    meta = md.state_dict_metadata.get(EMBEDDING_KEY)
+    if meta is None:
+        raise ConversionError(f"{ckpt_dir}: tensor {EMBEDDING_KEY!r} is not in the checkpoint; it was not written "
+                              f"from a megatron_vr1 Qwen2 / Qwen2.5-VL model")
+    return int(meta.size[0])
+
+
+def checkpoint_dtype(ckpt_dir: str | Path) -> str:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata[EMBEDDING_KEY]
+    return str(meta.properties.dtype).removeprefix("torch.")
