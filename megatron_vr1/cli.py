@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 0
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except BrokenPipeError:  # e.g. `megatron-vr1 config show ... | head`
+        return 0
 
 
 if __name__ == "__main__":
