@@ -20,14 +20,28 @@ def pairwise_iou_giou(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.
     gx1, gy1, gx2, gy2 = (a[:, None, :] for a in _split(gt))
     area_p = (px2 - px1) * (py2 - py1)
     area_g = (gx2 - gx1) * (gy2 - gy1)
-    iw = np.clip(np.minimum(px2, gx2) - np.maximum(px1, gx1), 0.0, None)
-    ih = np.clip(np.minimum(py2, gy2) - np.maximum(py1, gy1), 0.0, None)
-    inter = iw * ih
-    union = area_p + area_g - inter
-    enclose = (np.maximum(px2, gx2) - np.minimum(px1, gx1)) * (np.maximum(py2, gy2) - np.minimum(py1, gy1))
+    # In-place ops on [B, P, G] buffers: numpy's per-call overhead dominates at these sizes.
+    inter = np.minimum(px2, gx2)
+    inter -= np.maximum(px1, gx1)
+    np.maximum(inter, 0.0, out=inter)
+    ih = np.minimum(py2, gy2)
+    ih -= np.maximum(py1, gy1)
+    np.maximum(ih, 0.0, out=ih)
+    inter *= ih
+    union = area_p + area_g
+    union -= inter
+    enclose = np.maximum(px2, gx2)
+    enclose -= np.minimum(px1, gx1)
+    eh = np.maximum(py2, gy2)
+    eh -= np.minimum(py1, gy1)
+    enclose *= eh
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
-        giou = np.where(enclose > 0, iou - (enclose - union) / enclose, iou)
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        # giou = iou - (enclose - union) / enclose
+        gap = enclose - union
+        np.divide(gap, enclose, out=gap, where=enclose > 0)
+        gap[enclose <= 0] = 0.0
+        giou = iou - gap
     return iou, giou
 
 

@@ -10,7 +10,6 @@ item-by-item path.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ import numpy as np
 
 from megatron_vr1.config.reward import RewardRules
 from megatron_vr1.rewards.parse_griffon import parse_griffon
-from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _fallback, _items_to_boxes, loose_format,
+from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _fallback, _items_to_boxes, json_loads,
+                                             loose_format,
                                              release_parse_json, strict_format)
 from megatron_vr1.rewards.target import RewardTarget
 
@@ -101,8 +101,8 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
             # parse_json body is stripped[8:-3], and its format check sees the same JSON (see below).
             body = stripped[8:-3]
             try:
-                obj = json.loads(body)
-            except (ValueError, RecursionError):
+                obj = json_loads(body)
+            except (ValueError, StopIteration, RecursionError):
                 obj = _FAILED
         else:
             body, obj = release_parse_json(stripped)

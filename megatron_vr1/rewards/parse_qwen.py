@@ -26,6 +26,18 @@ FALLBACK_RE = re.compile(
 _FORMAT_STRIP_RE = re.compile(r"```json\n|\n```")
 _STRICT_KEYS = frozenset(("bbox_2d", "label"))
 _FAILED = object()
+_DECODER = json.JSONDecoder()
+_SCAN_ONCE = _DECODER.scan_once
+_JSON_WS = json.decoder.WHITESPACE
+
+
+def json_loads(text: str) -> object:
+    """``json.loads`` for str input, same results and failures, minus three Python call layers (it is the
+    hottest call of the reward). Raises ValueError, StopIteration or RecursionError on bad input."""
+    obj, end = _SCAN_ONCE(text, _JSON_WS.match(text, 0).end())
+    if _JSON_WS.match(text, end).end() != len(text):
+        raise ValueError("extra data after the JSON value")
+    return obj
 
 
 @dataclass(slots=True)
@@ -50,8 +62,8 @@ def release_parse_json(stripped: str) -> tuple[str, object]:
     if "```" in body:
         body = body.split("```")[0]
     try:
-        return body, json.loads(body)
-    except (ValueError, RecursionError):
+        return body, json_loads(body)
+    except (ValueError, StopIteration, RecursionError):
         return body, _FAILED
 
 
@@ -111,8 +123,8 @@ def loose_format(raw: str, parsed_body: str, parsed: object) -> bool:
         data = parsed
     else:
         try:
-            data = json.loads(text)
-        except (ValueError, RecursionError):
+            data = json_loads(text)
+        except (ValueError, StopIteration, RecursionError):
             return False
     if type(data) is list:
         for item in data:

@@ -65,18 +65,17 @@ def _positions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _stage_arrays(steps: Sequence[int | None], schedule: RefinementSchedule) -> tuple[list[str], np.ndarray]:
-    """Stage names and a [B, 5] array (ξ0, recall ξ1, ξ2, precision ξ1, ξ2); cached per distinct step."""
+    """Stage names and the thresholds (ξ0, recall ξ1, ξ2, precision ξ1, ξ2): [1, 5] when every completion
+    shares one stage (broadcasts), else [B, 5]."""
     cache: dict[int | None, tuple[str, tuple[float, ...]]] = {}
-    names, rows = [], []
-    for s in steps:
-        if s not in cache:
-            st = schedule.stage_at(s)
-            th = st.thresholds
-            cache[s] = (st.name, (th.tp_threshold, *th.recall_band, *th.precision_band))
-        name, row = cache[s]
-        names.append(name)
-        rows.append(row)
-    return names, np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    for s in set(steps):
+        st = schedule.stage_at(s)
+        th = st.thresholds
+        cache[s] = (st.name, (th.tp_threshold, *th.recall_band, *th.precision_band))
+    names = [cache[s][0] for s in steps]
+    if len(cache) == 1:
+        return names, np.asarray([next(iter(cache.values()))[1]], dtype=np.float64)
+    return names, np.asarray([cache[s][1] for s in steps], dtype=np.float64)
 
 
 def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg: RewardConfig | RewardRules,
@@ -122,13 +121,13 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
         cls = np.zeros(len(owner), dtype=np.int64)
 
     # ---- rescale model coordinates to original-image pixels: x / input_width * width (release order) ----
-    w = np.fromiter((t.width for t in targets), dtype=np.float64, count=b)
-    h = np.fromiter((t.height for t in targets), dtype=np.float64, count=b)
+    meta = np.array([t.meta for t in targets], dtype=np.float64).reshape(b, 6)
+    w, h, n_inst = meta[:, 0], meta[:, 1], meta[:, 5]
+    n_gt = meta[:, 4].astype(np.int64)
     if rules.output_format == "griffon_text":
         dx, dy = np.ones(b), np.ones(b)
     elif rules.coordinates == "absolute":
-        dx = np.fromiter((t.input_width for t in targets), dtype=np.float64, count=b)
-        dy = np.fromiter((t.input_height for t in targets), dtype=np.float64, count=b)
+        dx, dy = meta[:, 2], meta[:, 3]
     else:
         dx, dy = np.full(b, 1000.0), np.full(b, 1000.0)
     boxes[:, 0::2] = boxes[:, 0::2] / dx[bidx, None] * w[bidx, None]
@@ -142,7 +141,6 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     pred = _pad(boxes, bidx, pos, b, p_max)
     pred_cls = _pad(cls, bidx, pos, b, p_max, fill=-1)
 
-    n_gt = np.fromiter((t.n_gt for t in targets), dtype=np.int64, count=b)
     gbidx, gpos = _positions(n_gt)
     g_max = int(n_gt.max())
     gt = _pad(np.concatenate([t.gt_boxes for t in targets]), gbidx, gpos, b, g_max)
@@ -166,7 +164,6 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     else:
         tp_val = (val >= tp_thr).astype(np.float64)
     tp_sum = (tp_val * matched).sum(axis=1)
-    n_inst = np.fromiter((t.num_instances for t in targets), dtype=np.float64, count=b)
     inclusive = rules.band_upper == "inclusive"
     recall = _band(tp_sum / np.maximum(n_inst, 1.0), r_lo[:, 0], r_hi[:, 0], inclusive)
 

@@ -42,16 +42,26 @@ def gt_items(row: dict) -> list[tuple[list[float], str]]:
     return [(box, label) for label, boxes in json.loads(row["solution"]) for box in boxes]
 
 
-def honest_answer(row: dict, rng: random.Random | None = None, jitter: float = 0.0) -> str:
-    """The ground truth written back by the model, each coordinate moved by up to ``jitter`` pixels."""
+def _jitter(row: dict, box: list[int], rng: random.Random, jitter: float) -> list[int]:
+    """Move each coordinate by up to ``jitter`` pixels, keeping a valid box inside the input image."""
+    iw, ih = row["input_width"], row["input_height"]
+    b = [c + int(rng.uniform(-jitter, jitter)) for c in box]
+    x1, y1 = min(max(b[0], 0), iw - 2), min(max(b[1], 0), ih - 2)
+    return [x1, y1, min(max(b[2], x1 + 1), iw), min(max(b[3], y1 + 1), ih)]
+
+
+def honest_items(row: dict, rng: random.Random | None = None, jitter: float = 0.0) -> list[tuple[list[int], str]]:
+    """The ground truth as the model would write it, each coordinate off by up to ``jitter`` pixels."""
     items = []
     for box, label in gt_items(row):
         b = to_input_pixels(row, box)
-        if rng is not None and jitter:
-            b = [c + int(rng.uniform(-jitter, jitter)) for c in b]
-            b = [min(b[0], b[2] - 1), min(b[1], b[3] - 1), max(b[2], b[0] + 1), max(b[3], b[1] + 1)]
-        items.append((b, label))
-    return answer(items)
+        items.append((_jitter(row, b, rng, jitter) if rng is not None and jitter else b, label))
+    return items
+
+
+def honest_answer(row: dict, rng: random.Random | None = None, jitter: float = 0.0) -> str:
+    """``honest_items`` as answer text."""
+    return answer(honest_items(row, rng, jitter))
 
 
 def noisy_answer(row: dict, rng: random.Random) -> str:
@@ -73,33 +83,27 @@ def noisy_answer(row: dict, rng: random.Random) -> str:
     return text
 
 
-def attacks(row: dict, honest_text: str) -> dict[str, str]:
-    """Adversarial answers against one row, by name (see ``megatron-vr1 bench reward-hacking``)."""
-    gts = gt_items(row)
-    boxes = [to_input_pixels(row, b) for b, _ in gts]
-    labels = [lb for _, lb in gts]
-    n = len(gts)
+def attacks(row: dict, rng: random.Random, jitter: float) -> dict[str, str]:
+    """The honest answer and adversarial answers against one row, by name (``bench reward-hacking``)."""
+    honest = honest_items(row, rng, jitter)
+    n = len(honest)
     iw, ih = row["input_width"], row["input_height"]
 
     def spam(k: int) -> str:
-        # The honest boxes plus shifted copies: more chances to match well, and junk everywhere.
-        items = list(zip(boxes, labels))
-        i = 0
-        while len(items) < k * n:
-            b, lb = boxes[i % n], labels[i % n]
-            d = 3 + 4 * (i // n)
-            items.append(([b[0] + d, b[1] - d, b[2] + d, b[3] - d], lb))
-            i += 1
+        # The honest boxes plus k-1 more guesses around each object: more chances to match well.
+        items = list(honest)
+        for _ in range(k - 1):
+            items.extend((_jitter(row, to_input_pixels(row, gt), rng, jitter), lb) for gt, lb in gt_items(row))
         return answer(items)
 
     return {
-        "honest": honest_text,
+        "honest": answer(honest),
         "empty list []": "```json\n[]\n```",
         "object {}": "```json\n{}\n```",
         "box spam 5x": spam(5),
         "box spam 20x": spam(20),
-        "duplicates of best box": answer([(boxes[0], labels[0])] * max(n, 2) * 3),
-        "one giant box": answer([([0, 0, iw, ih], labels[0])]),
-        "giant box per label": answer([([0, 0, iw, ih], lb) for lb in sorted(set(labels))]),
-        "wrong labels": answer([(b, "zzz_not_a_class") for b in boxes]),
+        "duplicates of best box": answer([honest[0]] * max(n, 2) * 3),
+        "one giant box": answer([([0, 0, iw, ih], honest[0][1])]),
+        "giant box per label": answer([([0, 0, iw, ih], lb) for lb in sorted({lb for _, lb in honest})]),
+        "wrong labels": answer([(b, "zzz_not_a_class") for b, _ in honest]),
     }

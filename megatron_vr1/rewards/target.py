@@ -44,6 +44,8 @@ class RewardTarget:
     target_id_maps: Mapping[str, int]
     """Lower-cased label -> id (the released code lower-cases the keys)."""
     gt_labels: tuple[str, ...] = field(default=())
+    meta: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
+    """(width, height, input_width, input_height, n_gt, num_instances): one np.array call per batch."""
 
     @property
     def n_gt(self) -> int:
@@ -101,7 +103,8 @@ def make_target(*, solution: list | tuple, width: Any, height: Any, input_width:
     ids = np.asarray([id_map[lb.lower()] for lb in labels], dtype=np.int64)
     return RewardTarget(gt_boxes=gt, gt_class_ids=ids, width=width, height=height, input_width=input_width,
                         input_height=input_height, num_instances=num_instances, target_id_maps=id_map,
-                        gt_labels=tuple(labels))
+                        gt_labels=tuple(labels),
+                        meta=(width, height, input_width, input_height, len(boxes), num_instances))
 
 
 def target_from_sample(sample: Sample) -> RewardTarget:
