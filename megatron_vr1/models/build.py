@@ -45,14 +45,20 @@ def _broadcast_over_tp(module: torch.nn.Module) -> None:
 
 
 def build_model(hf_config: Any, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *,
-                pre_process: bool | None = None, post_process: bool | None = None) -> Qwen25VLModel:
+                pre_process: bool | None = None, post_process: bool | None = None,
+                config_overrides: dict | None = None) -> Qwen25VLModel:
     """The policy for this rank: vision tower on the first PP stage, this stage's decoder layers, output layer on
     the last. Needs megatron's parallel state (``parallel.state.initialize``). Raises before building anything
-    when the config asks for Transformer Engine features that are not installed."""
+    when the config asks for Transformer Engine features that are not installed. ``config_overrides`` sets extra
+    TransformerConfig fields (e.g. the TE fusions a benchmark turns on)."""
     from megatron.core import parallel_state
 
     spec = gpt_layer_spec(model_cfg)  # fails early (FP8 / TE without TE)
     config = transformer_config_from_hf(hf_config, model_cfg, parallel_cfg)
+    for key, value in (config_overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"config_overrides: TransformerConfig has no field {key!r}")
+        setattr(config, key, value)
     arch = text_arch(hf_config)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
