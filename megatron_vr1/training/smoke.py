@@ -141,17 +141,33 @@ def run_smoke(parallel: ParallelConfig, *, steps: int = 2, num_microbatches: int
     return result
 
 
-def main() -> int:
-    """``python -m megatron_vr1.training.smoke``: one tiny Megatron train run on this host (CPU or GPU)."""
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron_vr1.training.smoke [--tp N --pp M --steps K --out FILE]``: one tiny Megatron train
+    run on this host or across hosts (under torchrun / srun), CPU (gloo) or GPU (nccl)."""
+    import argparse
+    import json
     import time
 
-    cfg = ParallelConfig()
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", default="", help="write this rank's result as JSON here ({rank} is substituted)")
+    args = ap.parse_args(argv)
+    cfg = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     t0 = time.time()
-    state.initialize(cfg)
-    res = run_smoke(cfg, steps=5)
-    print(f"megatron-core GPT smoke run ({state.device()}): losses {[round(x, 4) for x in res.losses]}, "
-          f"grad norms {[round(x, 4) for x in res.grad_norms]}, eval loss {res.eval_loss:.4f}, "
-          f"{time.time() - t0:.1f} s")
+    env = state.initialize(cfg)
+    res = run_smoke(cfg, steps=args.steps)
+    if res.is_last_stage and env.rank == env.world_size - 1:
+        print(f"megatron-core GPT smoke run (TP={args.tp} PP={args.pp}, world {env.world_size}, {state.device()}): "
+              f"losses {[round(x, 4) for x in res.losses]}, grad norms {[round(x, 4) for x in res.grad_norms]}, "
+              f"eval loss {res.eval_loss:.4f}, {time.time() - t0:.1f} s", flush=True)
+    if args.out:
+        import socket
+
+        with open(args.out.format(rank=env.rank), "w") as f:
+            json.dump({"rank": env.rank, "host": socket.gethostname(), "losses": res.losses,
+                       "grad_norms": res.grad_norms, "eval_loss": res.eval_loss, "is_last_stage": res.is_last_stage}, f)
     state.destroy()
     return 0
 
