@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
+from megatron_vr1.config.base import ConfigError
 from megatron_vr1.config.model import ModelConfig
 from megatron_vr1.config.parallel import ParallelConfig
 from megatron_vr1.models.hf_config import padded_vocab_size, text_arch, torch_dtype, transformer_config_from_hf
 from megatron_vr1.models.mrope import mrope_position_ids
 from megatron_vr1.models.qwen25vl import Qwen25VLModel
-from megatron_vr1.models.specs import gpt_layer_spec
+from megatron_vr1.models.specs import gpt_layer_spec, resolve_impl
 
 __all__ = ["build_model", "mrope_position_ids"]
 
@@ -54,6 +55,11 @@ def build_model(hf_config: Any, model_cfg: ModelConfig, parallel_cfg: ParallelCo
     from megatron.core import parallel_state
 
     spec = gpt_layer_spec(model_cfg)  # fails early (FP8 / TE without TE)
+    if parallel_cfg.sequence_parallel and resolve_impl(model_cfg) == "local" and torch.cuda.is_available():
+        # On CPU the compatibility layer makes the local torch norm SP-aware; on GPU megatron refuses it.
+        raise ConfigError("parallel.sequence_parallel=true needs the Transformer Engine spec on GPU (megatron's "
+                          "local torch norm does not support it); install Transformer Engine or set "
+                          "parallel.sequence_parallel=false")
     config = transformer_config_from_hf(hf_config, model_cfg, parallel_cfg)
     for key, value in (config_overrides or {}).items():
         if not hasattr(config, key):

@@ -21,7 +21,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from model_loading import IMAGE_TOKEN, VOCAB, hf_logits, image_prompt, load_hf_into, megatron_shard_from_hf, tiny_hf_model  # noqa: E402
 
-LAYOUTS = {"tp2pp2": (2, 2), "tp2": (2, 1), "pp2": (1, 2), "dp": (1, 1)}
+# name: (TP, PP, sequence parallel); DP = 4 / (TP x PP)
+LAYOUTS = {"tp2pp2": (2, 2, False), "tp2": (2, 1, False), "tp2sp": (2, 1, True), "pp2": (1, 2, False),
+           "dp": (1, 1, False)}
 # (text before, grid, text after): different lengths per micro-batch
 SAMPLES = [(7, (1, 4, 8), 9), (3, (1, 8, 4), 20), (12, (1, 4, 4), 5), (5, (1, 4, 12), 14)]
 
@@ -48,7 +50,22 @@ def reference(hf, hf_config):
     return data, grads
 
 
-def run_layout(name, tp, pp, hf, data, hf_grads):
+def _pad_to(t, length, value=0):
+    return torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=value)
+
+
+def micro_batch(d, multiple):
+    """The sample as a MicroBatch, right-padded (pad id 0, mask 0) to a multiple of ``multiple`` for SP."""
+    from megatron_vr1.training.logprobs import MicroBatch
+
+    s = d["ids"].shape[1]
+    n = -(-s // multiple) * multiple
+    pos = torch.cat([d["pos"], torch.arange(s, n).expand(3, 1, n - s)], dim=2)
+    return MicroBatch(input_ids=_pad_to(d["ids"], n), position_ids=pos, targets=_pad_to(d["targets"], n),
+                      loss_mask=_pad_to(d["mask"], n), pixel_values=d["pix"], image_grid_thw=d["thw"])
+
+
+def run_layout(name, tp, pp, sp, hf, data, hf_grads):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -59,9 +76,9 @@ def run_layout(name, tp, pp, hf, data, hf_grads):
     from megatron_vr1.models.build import build_model
     from megatron_vr1.models.hf_config import padded_vocab_size
     from megatron_vr1.parallel import state
-    from megatron_vr1.training.logprobs import MicroBatch, pipelined_token_logprobs, token_logprobs
+    from megatron_vr1.training.logprobs import pipelined_token_logprobs, token_logprobs
 
-    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp)
     state.initialize(pcfg)
     model = build_model(hf.config, ModelConfig(dtype="float32"), pcfg)
     load_hf_into(model, hf)
@@ -71,8 +88,7 @@ def run_layout(name, tp, pp, hf, data, hf_grads):
     model.config.no_sync_func = ddp.no_sync
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = data[dp_rank::dp]
-    batches = [MicroBatch(input_ids=d["ids"], position_ids=d["pos"], targets=d["targets"], loss_mask=d["mask"],
-                          pixel_values=d["pix"], image_grid_thw=d["thw"]) for d in mine]
+    batches = [micro_batch(d, tp if sp else 1) for d in mine]
     checks = {"logits_rel": 0.0, "logprob_abs": 0.0, "entropy_abs": 0.0}
     it = iter(zip(batches, mine))
 
@@ -80,12 +96,13 @@ def run_layout(name, tp, pp, hf, data, hf_grads):
         mb, ref = next(data_iterator)
 
         def loss_func(output):
-            full = gather_from_tensor_model_parallel_region(output.detach())[..., :VOCAB]
+            s = ref["ids"].shape[1]  # compare the real tokens; SP padding is masked out of the loss
+            full = gather_from_tensor_model_parallel_region(output.detach())[:, :s, :VOCAB]
             checks["logits_rel"] = max(checks["logits_rel"],
                                        ((full - ref["logits"]).abs().max() / ref["logits"].abs().max()).item())
             r = token_logprobs(output, mb.targets, mb.loss_mask, vocab_size=VOCAB)
-            checks["logprob_abs"] = max(checks["logprob_abs"], (r.logprobs - ref["lp"]).abs().max().item())
-            checks["entropy_abs"] = max(checks["entropy_abs"], (r.entropy - ref["ent"]).abs().max().item())
+            checks["logprob_abs"] = max(checks["logprob_abs"], (r.logprobs[:, :s] - ref["lp"]).abs().max().item())
+            checks["entropy_abs"] = max(checks["entropy_abs"], (r.entropy[:, :s] - ref["ent"]).abs().max().item())
             loss = -(r.logprobs.sum() / r.mask.sum())
             return loss, {"loss": loss.detach().clone()}
 
@@ -106,10 +123,10 @@ def run_layout(name, tp, pp, hf, data, hf_grads):
         if rel > grad_rel:
             grad_rel, worst = rel, pname
     piped = pipelined_token_logprobs(ddp, batches, vocab_size=VOCAB)
-    piped_abs = max((p.logprobs - d["lp"]).abs().max().item() for p, d in zip(piped, mine))
+    piped_abs = max((p.logprobs[:, :d["lp"].shape[1]] - d["lp"]).abs().max().item() for p, d in zip(piped, mine))
     out = dict(checks if ps.is_pipeline_last_stage() else {}, grad_rel=grad_rel, worst_grad=worst,
                n_params=len(expected), pipelined_logprob_abs=piped_abs, n_pipelined=len(piped),
-               n_microbatches=len(batches), pp_rank=ps.get_pipeline_model_parallel_rank(),
+               n_microbatches=len(batches), sequence_parallel=model.config.sequence_parallel, pp_rank=ps.get_pipeline_model_parallel_rank(),
                tp_rank=ps.get_tensor_model_parallel_rank(), has_visual=model.visual is not None)
     return out
 
