@@ -136,6 +136,11 @@ def load_hf_into(model, hf_model) -> dict:
     shard = megatron_shard_from_hf(hf_model.state_dict(), hf_model.config, tp_rank, tp, offset, n_local, padded,
                                    model.pre_process, model.post_process)
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if any(k.endswith("linear_qkv.layer_norm_weight") for k in own):
+        # The Transformer Engine spec fuses the pre-attention / pre-MLP norms into the following linear layer.
+        te_names = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+        shard = {next((k.replace(a, b) for a, b in te_names.items() if k.endswith(a)), k): v for k, v in shard.items()}
     missing = sorted(set(own) - set(shard))
     unexpected = sorted(set(shard) - set(own))
     if missing or unexpected:
