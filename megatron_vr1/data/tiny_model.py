@@ -34,7 +34,7 @@ JSON_CHUNKS: tuple[str, ...] = (
 """Added (non-special) tokens covering the SFT answer's scaffolding: one object costs 11 tokens."""
 
 SYNTH_WORDS: tuple[str, ...] = (
-    "circle", "square", "triangle", "diamond", "cross", "star", "ring", "hexagon",
+    "circle", "square", "triangle", "diamond", "cross", "frame", "ring", "hexagon",
     "red", "green", "blue", "yellow", "purple", "orange", "cyan", "magenta", "object", "shape",
 )
 

@@ -1,0 +1,103 @@
+"""The training stream: rows file -> sharded, shuffled, filtered, validated ``Sample`` records.
+
+Bad rows follow ``on_bad_row`` ("error" raises the RowError naming file, row and field; "skip" counts them).
+Rows outside the num_instances limits are filtered (counted separately: they are valid, just not used).
+At the end of each epoch the counts are logged and kept in ``epoch_reports``; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_vr1.data.readers import BadRowCounter, OnBadRow, open_rows, read_row
+from megatron_vr1.data.sampler import ShardedSampler
+from megatron_vr1.data.schema import RowError
+from megatron_vr1.types import Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EpochReport:
+    epoch: int
+    rank: int
+    yielded: int
+    filtered: int
+    skipped: int
+    detail: str
+
+
+class LocalizationDataset:
+    """Iterate Samples of one rank forever; ``state_dict`` saves the position for checkpoints."""
+
+    def __init__(self, path: str | Path, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, on_bad_row: OnBadRow = "error", min_instances: int = 0,
+                 max_instances: int = 10_000, min_pixels: int = 4 * 28 * 28, max_pixels: int = 512 * 28 * 28):
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"on_bad_row={on_bad_row!r} is invalid: use 'error' or 'skip'")
+        self.source = open_rows(path)
+        self.sampler = ShardedSampler(len(self.source), rank=rank, world_size=world_size, seed=seed,
+                                      shuffle=shuffle)
+        self.on_bad_row = on_bad_row
+        self.min_instances, self.max_instances = min_instances, max_instances
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.epoch_reports: list[EpochReport] = []
+        self._bad = BadRowCounter()
+        self._filtered = 0
+        self._yielded = 0
+
+    @classmethod
+    def from_config(cls, cfg, path: str | Path, *, rank: int = 0, world_size: int = 1) -> LocalizationDataset:
+        """Build from a ``DataConfig`` (seed, on_bad_row, instance limits, pixel budget)."""
+        return cls(path, rank=rank, world_size=world_size, seed=cfg.seed, on_bad_row=cfg.on_bad_row,
+                   min_instances=cfg.min_instances, max_instances=cfg.max_instances,
+                   min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[Sample]:
+        current = self.sampler.epoch
+        for epoch, index in self.sampler:
+            if epoch != current:
+                self._close_epoch(current)
+                current = epoch
+            sample = self._load(index)
+            if sample is not None:
+                self._yielded += 1
+                yield sample
+
+    def _load(self, index: int) -> Sample | None:
+        try:
+            row = read_row(self.source, index)
+        except RowError as e:
+            if self.on_bad_row == "error":
+                raise
+            self._bad.add(e)
+            return None
+        if not self.min_instances <= row.num_instances <= self.max_instances:
+            self._filtered += 1
+            return None
+        sample_id = f"{self.source.path.name}:{self.source.row_number(index)}"
+        return row.to_sample(sample_id, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def _close_epoch(self, epoch: int) -> None:
+        if self._yielded == 0:  # every row bad or filtered: iterating further would spin forever
+            raise ValueError(f"{self.source.path}: epoch {epoch} produced no usable sample on rank "
+                             f"{self.sampler.rank} ({self._filtered} filtered, {self._bad.report()}); "
+                             f"fix the data or the num_instances limits")
+        report = EpochReport(epoch=epoch, rank=self.sampler.rank, yielded=self._yielded, filtered=self._filtered,
+                             skipped=self._bad.skipped, detail=self._bad.report())
+        self.epoch_reports.append(report)
+        log.warning("data %s epoch %d rank %d: %d samples, %d filtered by num_instances, %s",
+                    self.source.path, epoch, report.rank, report.yielded, report.filtered, report.detail)
+        self._bad, self._filtered, self._yielded = BadRowCounter(), 0, 0
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
