@@ -10,6 +10,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
+from megatron_vr1.types import Sample
+
 PromptTemplate = Literal["qwen25vl", "griffon"]
 Task = Literal["detection", "grounding", "rec"]
 
@@ -116,3 +118,10 @@ def sft_target(objects: Iterable[tuple[str, Sequence[float]]]) -> str:
     if not items:
         return "```json\n[]\n```"
     return "```json\n[\n\t" + ",\n\t".join(items) + "\n]\n```"
+
+
+def sample_sft_target(sample: Sample) -> str:
+    """The SFT answer of a Sample: its ground truth rescaled from original to resized-input pixels."""
+    sx, sy = sample.input_width / sample.width, sample.input_height / sample.height
+    return sft_target((g.label, (g.box[0] * sx, g.box[1] * sy, g.box[2] * sx, g.box[3] * sy))
+                      for g in sample.solution)

@@ -141,3 +141,13 @@ def test_check_reports_every_bad_row(rows_dir, capsys):
     assert out.count("BAD ") == 5 and "6 rows, 5 bad" in out and "Traceback" not in out
     assert main(["data", "check", str(rows_dir / "nope.jsonl")]) == 2
     assert "no such rows file" in capsys.readouterr().err
+
+
+def test_sft_target_of_a_sample_is_in_input_pixels(rows_dir):
+    from megatron_vr1.data.prompts import sample_sft_target
+
+    sample = parse_row(_row(), file="f", row=1, base_dir=rows_dir).to_sample("s", min_pixels=56 * 56,
+                                                                             max_pixels=112 * 112)
+    body = json.loads(sample_sft_target(sample).removeprefix("```json\n").removesuffix("\n```"))
+    # 100x60 -> 112x56: x scales by 1.12, y by 56/60
+    assert body == [{"bbox_2d": [1, 2, 34, 37], "label": "cat"}, {"bbox_2d": [11, 9, 101, 47], "label": "dog"}]
