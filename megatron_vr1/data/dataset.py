@@ -11,7 +11,10 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from megatron_vr1.data.image import Backend, open_image, preprocess
+from megatron_vr1.data.prompts import DEFAULT_SYSTEM, render_prompt
 from megatron_vr1.data.readers import BadRowCounter, OnBadRow, open_rows, read_row
 from megatron_vr1.data.sampler import ShardedSampler
 from megatron_vr1.data.schema import RowError
@@ -101,3 +104,27 @@ class LocalizationDataset:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInputs:
+    """What the policy/rollout needs for one Sample: the chat prompt and the image's pixel patches."""
+
+    prompt: str
+    """Chat text with <|image_pad|> expanded (tokenise with add_special_tokens=False)."""
+    pixel_values: Any
+    """float32 numpy array [patches, 3*2*14*14], identical to the processor's."""
+    image_grid_thw: tuple[int, int, int]
+
+
+def model_inputs(sample: Sample, *, min_pixels: int, max_pixels: int, backend: Backend = "torchvision",
+                 system: str | None = DEFAULT_SYSTEM) -> ModelInputs:
+    """Decode the sample's image, resize/patchify it like the processor and render the prompt."""
+    pixel_values, grid = preprocess(open_image(sample.image), min_pixels=min_pixels, max_pixels=max_pixels,
+                                    backend=backend)
+    if (grid[1] * 14, grid[2] * 14) != (sample.input_height, sample.input_width):
+        raise ValueError(f"sample {sample.sample_id}: image decodes to input {grid[2] * 14}x{grid[1] * 14} but the "
+                         f"row says {sample.input_width}x{sample.input_height}; fix the row's width/height "
+                         f"(megatron-vr1 data check) or use the same min/max_pixels")
+    return ModelInputs(prompt=render_prompt(sample.problem, grid, system=system), pixel_values=pixel_values,
+                       image_grid_thw=grid)

@@ -130,3 +130,24 @@ def test_cli_tiny_model(tmp_path, capsys):
     assert main(["data", "tiny-model", "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err
     assert "a_file" in err and "Traceback" not in err
+
+
+def test_model_inputs_of_a_sample_equal_the_processor(processor, tmp_path):
+    from megatron_vr1.data.dataset import model_inputs
+    from megatron_vr1.data.schema import parse_row
+
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    raw = {"problem": prompts.detection_prompt(["circle"]), "image": "im.png",
+           "solution": json.dumps([["circle", [[1, 2, 30, 40]]]]), "width": 100, "height": 60, "num_instances": 1,
+           "target_id_maps": json.dumps({"circle": 1}), "source": "t"}
+    sample = parse_row(raw, file="t.jsonl", row=1, base_dir=tmp_path).to_sample("t:1", min_pixels=56 * 56,
+                                                                                max_pixels=112 * 112)
+    ours = model_inputs(sample, min_pixels=56 * 56, max_pixels=112 * 112)
+    chat = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.problem}]}],
+        add_generation_prompt=True, tokenize=False)
+    ref = processor(text=[chat], images=[Image.open(tmp_path / "im.png")], return_tensors="np")
+    assert list(ours.image_grid_thw) == ref["image_grid_thw"][0].tolist()
+    assert np.abs(ours.pixel_values - ref["pixel_values"]).max() == 0.0
+    assert processor.tokenizer(ours.prompt, add_special_tokens=False).input_ids == ref["input_ids"][0].tolist()
