@@ -111,3 +111,26 @@ def test_bad_ground_truth_names_the_field():
         target_from_row(dict(ROW, input_width=0))
     with pytest.raises(RewardInputError, match="height"):
         target_from_row({k: v for k, v in ROW.items() if k != "height"})
+
+
+@pytest.mark.parametrize("truncate,strict", [(True, False), (False, True)])
+def test_batch_fast_path_equals_per_completion_parser(truncate, strict):
+    # extract_batch converts regular answers with one np.array call; parse_qwen walks every item in Python.
+    import numpy as np
+
+    from megatron_vr1.rewards.extract import extract_batch
+    from megatron_vr1.rewards.parse_qwen import parse_qwen
+    rng = random.Random(5)
+    rows = [make_row(rng, 4) for _ in range(20)] + [ROW] * len(QUIRKS)
+    texts = [noisy_answer(r, rng) for r in rows[:20]] + QUIRKS
+    targets = [target_from_row(r) for r in rows]
+    rules = RewardConfig(preset="official", coordinate_cast="truncate" if truncate else "float",
+                         format_check="strict" if strict else "loose").rules()
+    ex = extract_batch(texts, targets, rules)
+    for i, (text, t) in enumerate(zip(texts, targets)):
+        one = parse_qwen(text, truncate=truncate, strict=strict, bound_x=t.input_width, bound_y=t.input_height)
+        mine = ex.owner == i
+        assert ex.boxes[mine].tolist() == [list(map(float, b)) for b in one.boxes], text[:80]
+        assert [lb for lb, m in zip(ex.labels, mine) if m] == one.labels
+        assert (ex.status[i], bool(ex.format_ok[i])) == (one.status, one.format_ok), text[:80]
+    assert np.array_equal(ex.n_parsed, [sum(ex.owner == i) for i in range(len(texts))])
