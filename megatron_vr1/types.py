@@ -116,3 +116,5 @@ class TrainBatch:
     pixel_values: Any = None
     image_grid_thw: Any = None
     weight_versions: list[int] = field(default_factory=list)
+    lengths: Any = None
+    """[B] int64 unpadded length (prompt + completion) of each row."""

@@ -1,0 +1,110 @@
+"""Rollout groups + advantages -> TrainBatch: the tensors one Megatron update consumes.
+
+Each row is prompt + completion token ids (right padded). The loss mask covers the completion tokens up to and
+including the first EOS (the released trainer's completion mask); a completion cut at max_new_tokens keeps its
+tokens unless overlong filtering masks it out. Rows left without any loss token are dropped: they carry no
+gradient and would only dilute the per-sequence mean. Rollout logprobs sit at the position of the token they
+score, aligned with ``input_ids``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_vr1.types import RolloutGroup, Sample, TrainBatch
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    """A Sample as the model sees it: the chat prompt text, its token ids and the image tensors."""
+
+    sample: Sample
+    prompt: str
+    """Chat text with ``<|image_pad|>`` expanded to one token per merged patch (what the engine receives)."""
+    prompt_ids: tuple[int, ...]
+    pixel_values: torch.Tensor
+    """[patches, 1176] float32."""
+    image_grid_thw: tuple[int, int, int]
+
+
+def prepare_prompt(sample: Sample, tokenizer, *, min_pixels: int, max_pixels: int,
+                   template: str = "qwen25vl") -> PreparedPrompt:
+    """Decode and patchify the image, render the chat prompt and tokenize it (the data package's helpers)."""
+    from megatron_vr1.data.image import open_image, preprocess
+    from megatron_vr1.data.prompts import render_prompt
+
+    pixels, grid = preprocess(open_image(sample.image), min_pixels=min_pixels, max_pixels=max_pixels)
+    prompt = render_prompt(sample.problem, grid)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return PreparedPrompt(sample=sample, prompt=prompt, prompt_ids=tuple(ids),
+                          pixel_values=torch.from_numpy(np.asarray(pixels, dtype=np.float32)),
+                          image_grid_thw=tuple(int(v) for v in grid))
+
+
+def completion_mask_length(token_ids: Sequence[int], eos_ids: Sequence[int]) -> int:
+    """Number of completion tokens in the loss: up to and including the first EOS, else all of them."""
+    for k, t in enumerate(token_ids):
+        if t in eos_ids:
+            return k + 1
+    return len(token_ids)
+
+
+def build_train_batch(groups: Sequence[RolloutGroup], prompts: Sequence[PreparedPrompt], advantages: torch.Tensor,
+                      *, eos_ids: Sequence[int], overlong_filter: bool = False, pad_id: int = 0) -> TrainBatch | None:
+    """Flatten ``groups`` (advantages laid out group after group) into a TrainBatch; None when no row has a loss
+    token. Raises when the engine's prompt ids disagree with ours (training would score a different prompt)."""
+    rows = []
+    k = 0
+    for group, prep in zip(groups, prompts, strict=True):
+        for c in group.completions:
+            adv = float(advantages[k])
+            k += 1
+            if c.prompt_token_ids and tuple(c.prompt_token_ids) != prep.prompt_ids:
+                raise ValueError(f"sample {prep.sample.sample_id}: the rollout engine tokenized the prompt into "
+                                 f"{len(c.prompt_token_ids)} ids, the trainer into {len(prep.prompt_ids)}; use the "
+                                 "same tokenizer, chat template and min/max pixels for both")
+            n_loss = completion_mask_length(c.token_ids, eos_ids)
+            if overlong_filter and c.finish_reason == "length":
+                n_loss = 0
+            if n_loss == 0:
+                continue
+            rows.append((prep, c, n_loss, adv))
+    if k != len(advantages):
+        raise ValueError(f"{len(advantages)} advantages for {k} completions: pass one per completion")
+    if not rows:
+        return None
+    lengths = [len(p.prompt_ids) + n for p, _c, n, _a in rows]
+    width = max(lengths)
+    b = len(rows)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((b, width), dtype=torch.float32)
+    rollout_lp = torch.zeros((b, width), dtype=torch.float32)
+    for i, (prep, c, n, _a) in enumerate(rows):
+        p = len(prep.prompt_ids)
+        input_ids[i, :p] = torch.tensor(prep.prompt_ids)
+        input_ids[i, p:p + n] = torch.tensor(c.token_ids[:n])
+        loss_mask[i, p:p + n] = 1.0
+        if c.logprobs:
+            rollout_lp[i, p:p + n] = torch.tensor(c.logprobs[:n], dtype=torch.float32)
+    return TrainBatch(
+        input_ids=input_ids, loss_mask=loss_mask, advantages=torch.tensor([a for *_, a in rows], dtype=torch.float32),
+        rollout_logprobs=rollout_lp, pixel_values=torch.cat([p.pixel_values for p, *_ in rows]),
+        image_grid_thw=torch.tensor([list(p.image_grid_thw) for p, *_ in rows]),
+        weight_versions=[c.weight_version for _p, c, *_ in rows], lengths=torch.tensor(lengths))
+
+
+def sft_batch(prompts: Sequence[PreparedPrompt], targets: Sequence[Sequence[int]], *, pad_id: int = 0) -> TrainBatch:
+    """Teacher-forcing rows: prompt + target ids, loss on the target (advantage 1 is unused by the SFT loss)."""
+    from megatron_vr1.types import Completion, RolloutGroup
+
+    groups = [RolloutGroup(sample=p.sample, completions=(Completion(
+        sample_id=p.sample.sample_id, request_id=f"sft-{p.sample.sample_id}", text="", token_ids=tuple(t), logprobs=(),
+        finish_reason="stop", weight_version=0),)) for p, t in zip(prompts, targets, strict=True)]
+    batch = build_train_batch(groups, prompts, torch.ones(len(groups)), eos_ids=(), pad_id=pad_id)
+    if batch is None:
+        raise ValueError("sft_batch: every target is empty; SFT needs at least one target token")
+    return batch

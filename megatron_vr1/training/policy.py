@@ -1,0 +1,246 @@
+"""The Megatron policy: a Qwen2.5-VL built from an HF directory, wrapped in megatron DDP with megatron's optimizer
+and LR schedule, and trained over TrainBatch micro-batches with ``get_forward_backward_func`` (1F1B under PP).
+
+One sequence per micro-batch: images of different sizes and prompts of different lengths need no padding, and
+megatron's schedule divides each micro-batch loss by their number, which is exactly the released "mean over each
+sequence's tokens, then over sequences" aggregation. Token-level aggregation rescales each micro-batch by its
+share of the global token count instead (``LossFn`` gets a ``denominator``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from megatron_vr1.config.run import RunConfig
+from megatron_vr1.training.logprobs import MicroBatch, pipelined_token_logprobs, token_logprobs
+from megatron_vr1.types import TrainBatch
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``loss_fn(logprobs=, entropy=, mask=, advantages=, old_logprobs=, ref_logprobs=, rollout_logprobs=,
+denominator=)`` over one micro-batch ([1, S] tensors, [1] advantages) -> (scalar loss, scalar metrics).
+``denominator`` is None (sequence aggregation) or the token count that makes megatron's per-micro-batch
+average come out as a mean over all tokens of the step."""
+
+
+def grpo_loss_fn(cfg: RunConfig) -> LossFn:
+    """The algorithms' GRPO policy loss with the run's clip / KL / TIS / aggregation settings."""
+    from megatron_vr1.algorithms.policy_loss import policy_loss
+
+    g = cfg.grpo
+
+    def loss_fn(*, logprobs, entropy, mask, advantages, old_logprobs, ref_logprobs, rollout_logprobs, denominator):
+        out = policy_loss(
+            logprobs=logprobs, old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs,
+            advantages=advantages, loss_mask=mask, ref_logprobs=ref_logprobs, beta=g.beta,
+            kl_estimator=g.kl_estimator, clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high,
+            aggregation=g.loss_aggregation, rollout_logprobs=rollout_logprobs,
+            tis_cap=g.tis_cap if g.tis else None, entropy=entropy, denominator=denominator)
+        return out.loss, out.metrics
+
+    return loss_fn
+
+
+def load_hf_config(hf_dir: str | Path) -> dict:
+    """config.json of an HF checkpoint directory, with an actionable error when it is missing."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: model.hf_path must be a Hugging Face Qwen2.5-VL directory "
+                                "(build a tiny one with `megatron-vr1 data tiny-model`)")
+    return json.loads(path.read_text())
+
+
+def vocab_size_of(hf_config: dict) -> int:
+    """The real (unpadded) vocabulary of an HF config dict."""
+    return int((hf_config.get("text_config") or {}).get("vocab_size") or hf_config["vocab_size"])
+
+
+def build_loaded_model(hf_dir: str | Path, hf_config: dict, cfg: RunConfig):
+    """This rank's model chunk with the HF weights of ``hf_dir`` loaded (needs megatron's parallel state)."""
+    from megatron_vr1.convert.hf_loader import load_hf_weights
+    from megatron_vr1.convert.safetensors_io import SafetensorsReader
+    from megatron_vr1.models.build import build_model
+
+    model = build_model(hf_config, cfg.model, cfg.parallel)
+    load_hf_weights(model, SafetensorsReader(hf_dir), hf_config)
+    return model
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Scalars of one optimiser step (means over micro-batches, valid on every rank)."""
+
+    metrics: dict[str, float]
+    grad_norm: float
+    lr: float
+
+
+class Policy:
+    """Trainable policy (+ optional frozen reference for the KL term) for this rank."""
+
+    def __init__(self, cfg: RunConfig, *, hf_dir: str | Path | None = None, with_reference: bool | None = None):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg = cfg
+        self.hf_dir = Path(hf_dir or cfg.model.hf_path)
+        self.hf_config = load_hf_config(self.hf_dir)
+        self.vocab_size = vocab_size_of(self.hf_config)
+        model = build_loaded_model(self.hf_dir, self.hf_config, cfg)
+        bf16 = cfg.model.dtype == "bfloat16"
+        self.model = DistributedDataParallel(
+            config=model.config, module=model,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+        model.config.finalize_model_grads_func = finalize_model_grads
+        model.config.no_sync_func = self.model.no_sync
+        g = cfg.grpo
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=g.lr, min_lr=g.min_lr, weight_decay=g.weight_decay, adam_beta1=g.adam_beta1,
+            adam_beta2=g.adam_beta2, clip_grad=g.grad_clip, bf16=bf16, params_dtype=model.config.params_dtype),
+            [self.model])
+        style = {"constant": "constant", "linear": "linear", "cosine": "cosine"}[g.lr_schedule]
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if g.warmup_steps else g.lr, max_lr=g.lr, min_lr=g.min_lr,
+            lr_warmup_steps=g.warmup_steps, lr_decay_steps=max(1, g.train_steps), lr_decay_style=style,
+            start_wd=g.weight_decay, end_wd=g.weight_decay, wd_incr_steps=max(1, g.train_steps),
+            wd_incr_style="constant")
+        need_ref = g.mode == "grpo" and g.beta > 0 if with_reference is None else with_reference
+        self.reference = build_loaded_model(self.hf_dir, self.hf_config, cfg).eval() if need_ref else None
+        if self.reference is not None:
+            self.reference.requires_grad_(False)
+
+    # ---- inputs ------------------------------------------------------------------------------------------------
+
+    def micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
+        """One MicroBatch per sequence, right padding trimmed, with its image and mrope positions."""
+        from megatron_vr1.models.mrope import mrope_position_ids
+
+        out, pix_start = [], 0
+        grids = batch.image_grid_thw
+        for b in range(batch.input_ids.shape[0]):
+            length = int(batch.lengths[b])
+            ids = batch.input_ids[b:b + 1, :length]
+            thw = pix = None
+            if grids is not None:
+                thw = grids[b:b + 1]
+                n_patches = int(thw.prod())
+                pix = batch.pixel_values[pix_start:pix_start + n_patches]
+                pix_start += n_patches
+            targets = torch.roll(ids, -1, dims=1)
+            # The logit at position t scores token t+1: shift the completion mask left by one.
+            mask = torch.roll(batch.loss_mask[b:b + 1, :length], -1, dims=1)
+            mask[:, -1] = 0
+            out.append(MicroBatch(input_ids=ids, position_ids=mrope_position_ids(ids, thw, self.hf_config),
+                                  targets=targets, loss_mask=mask, pixel_values=pix, image_grid_thw=thw))
+        return out
+
+    @staticmethod
+    def _shift(t: torch.Tensor | None, b: int, length: int) -> torch.Tensor | None:
+        """Per-token values stored at the token's own position -> at the position that predicts it."""
+        if t is None:
+            return None
+        s = torch.roll(t[b:b + 1, :length].float(), -1, dims=1)
+        s[:, -1] = 0
+        return s
+
+    # ---- forward-only ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch, *, reference: bool = False) -> torch.Tensor:
+        """[B, S] log-probabilities of each completion token at its own position (0 elsewhere)."""
+        model = self.reference if reference else self.model
+        if model is None:
+            raise RuntimeError("Policy.logprobs(reference=True) needs the reference model (grpo.beta > 0)")
+        model.eval()
+        mbs = self.micro_batches(batch)
+        res = pipelined_token_logprobs(model, mbs, vocab_size=self.vocab_size, compute_entropy=False)
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for b, r in enumerate(res):
+            length = r.logprobs.shape[1]
+            out[b, 1:length] = r.logprobs[0, :length - 1]  # back to the scored token's own position
+        return out
+
+    # ---- training ----------------------------------------------------------------------------------------------
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> StepResult:
+        """One optimiser step over all sequences of ``batch`` (gradients averaged over DP ranks)."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.model.train()
+        all_mbs = self.micro_batches(batch)
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        if len(all_mbs) < dp:
+            raise ValueError(f"train_step: {len(all_mbs)} sequences for {dp} data-parallel ranks; give every rank "
+                             "at least one (raise grpo.prompts_per_step)")
+        # Every rank holds the whole batch and trains on its strided share; DDP averages the gradients.
+        mine = list(range(dp_rank, len(all_mbs), dp))
+        mbs = [all_mbs[b] for b in mine]
+        n = len(mbs)
+        total_tokens = float(sum(float(mb.loss_mask.sum()) for mb in all_mbs)) or 1.0
+        per_seq = [(b, int(batch.lengths[b])) for b in mine]
+        items = iter(zip(mbs, per_seq))
+
+        def forward_step(data_iterator, chunk):
+            mb, (b, length) = next(data_iterator)
+
+            def loss_func(output):
+                r = token_logprobs(output, mb.targets, mb.loss_mask, vocab_size=self.vocab_size)
+                # The schedule divides each micro-batch loss by n and DDP averages over dp ranks; token
+                # aggregation wants sum / total_tokens over the whole step instead.
+                denominator = total_tokens / (n * dp) if self.cfg.grpo.loss_aggregation == "token" else None
+                loss, metrics = loss_fn(
+                    logprobs=r.logprobs, entropy=r.entropy, mask=r.mask, advantages=batch.advantages[b:b + 1].float(),
+                    old_logprobs=self._shift(batch.old_logprobs, b, length),
+                    ref_logprobs=self._shift(batch.ref_logprobs, b, length),
+                    rollout_logprobs=self._shift(batch.rollout_logprobs, b, length), denominator=denominator)
+                return loss, {k: v.detach().float().clone() for k, v in metrics.items()}
+
+            return chunk(**mb.model_kwargs()), loss_func
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=items, model=[self.model], num_microbatches=n,
+            seq_length=max(mb.input_ids.shape[1] for mb in mbs), micro_batch_size=1, forward_only=False)
+        _ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics = _mean_metrics(losses if parallel_state.is_pipeline_last_stage() else None)
+        return StepResult(metrics=metrics, grad_norm=float(grad_norm or 0.0),
+                          lr=float(self.optimizer.param_groups[0]["lr"]))
+
+    # ---- weights out -------------------------------------------------------------------------------------------
+
+    def export_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """HF-named full tensors in buckets (collective over the model-parallel group)."""
+        from megatron_vr1.convert.exporter import export_buckets
+
+        return export_buckets(self.model, bucket_bytes, self.hf_config)
+
+
+def _mean_metrics(losses: list[dict] | None) -> dict[str, float]:
+    """Mean of each metric over micro-batches and DP ranks, broadcast from the last pipeline stage."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_vr1.training.logprobs import broadcast_from_last_stage
+
+    keys_obj: list[Any] = [sorted(losses[0]) if losses else None]
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast_object_list(keys_obj, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+    keys = keys_obj[0] or []
+    local = None
+    if losses is not None:
+        local = [torch.stack([d[k].reshape(()) for d in losses]).mean().reshape(1) for k in keys]
+        vec = torch.cat(local) if local else torch.zeros(0)
+        dist.all_reduce(vec, group=parallel_state.get_data_parallel_group())
+        local = [vec / parallel_state.get_data_parallel_world_size()]
+    vec = broadcast_from_last_stage(local, torch.device("cpu"))[0] if keys else torch.zeros(0)
+    return {k: float(v) for k, v in zip(keys, vec)}
