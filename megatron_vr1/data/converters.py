@@ -71,6 +71,10 @@ def select_rows(rows: list[VisionR1Row], f: RowFilter) -> list[VisionR1Row]:
 
 def _index(data: dict[str, Any], path: Path):
     names = check_category_names(data["categories"], path)
+    if any(cid < 1 for cid in names):
+        # target_id_maps reserves 0 for "unknown label"; ODinW's raw files carry a background class with id 0
+        raise RowError(path, 0, "categories", "a category has id < 1 (id 0 means 'unknown' in target_id_maps); "
+                                              "use ODinW's annotations_without_background.json or renumber from 1")
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for k, a in enumerate(data["annotations"]):
         if not isinstance(a.get("bbox"), list) or len(a["bbox"]) != 4 or a.get("category_id") not in names:

@@ -135,3 +135,11 @@ def test_cli_coco_and_user_errors(coco, tmp_path, capsys):
     assert main(["data", "coco", str(tmp_path / "broken.json"), "--images", ".", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "broken.json" in err and "not valid JSON" in err and "Traceback" not in err
+
+
+def test_category_id_zero_is_refused_with_a_fix(tmp_path):
+    path = tmp_path / "odinw.json"
+    path.write_text(json.dumps({"images": [], "annotations": [],
+                                "categories": [{"id": 0, "name": "pistols"}, {"id": 1, "name": "pistol"}]}))
+    with pytest.raises(ValueError, match="annotations_without_background"):
+        odinw_grounding_rows(path, tmp_path)

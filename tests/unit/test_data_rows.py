@@ -151,3 +151,22 @@ def test_sft_target_of_a_sample_is_in_input_pixels(rows_dir):
     body = json.loads(sample_sft_target(sample).removeprefix("```json\n").removesuffix("\n```"))
     # 100x60 -> 112x56: x scales by 1.12, y by 56/60
     assert body == [{"bbox_2d": [1, 2, 34, 37], "label": "cat"}, {"bbox_2d": [11, 9, 101, 47], "label": "dog"}]
+
+
+def test_hf_image_feature_and_parquet_struct_rows(rows_dir):
+    """The released data stores ``image`` as an HF Image feature ({bytes, path} struct in parquet)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = (rows_dir / "img.png").read_bytes()
+    record = dict(_row(), image={"bytes": png, "path": None})
+    pq.write_table(pa.Table.from_pylist([record]), rows_dir / "struct.parquet")
+    ds = datasets.Dataset.from_list([dict(_row(), image=str(rows_dir / "img.png"))])
+    ds = ds.cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(rows_dir / "hfimg"))
+    for path in ("struct.parquet", "hfimg"):
+        report = check_rows(rows_dir / path)
+        assert report.ok and report.rows == 1, [str(e) for e in report.errors]
+        row = read_row(open_rows(rows_dir / path), 0)
+        assert row.num_instances == 2 and row.target_id_maps == {"cat": 1, "dog": 2}
