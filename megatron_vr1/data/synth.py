@@ -182,7 +182,8 @@ def generate_split(cfg: SynthConfig, out_dir: Path, split: str, n: int, seed: in
 
 def build_synth(out_dir: str | Path, *, n: int, seed: int = 0, difficulty: str = "demo", n_val: int | None = None,
                 template: prompts.PromptTemplate = "qwen25vl", **overrides) -> dict[str, Path]:
-    """Write train/val rows (``<split>.jsonl``), COCO GT (``<split>_coco.json``) and ``synth_config.json``."""
+    """Write train/val rows (``<split>.jsonl``), COCO GT (``<split>_gt.json``, the names the demo recipe
+    reads) and ``synth_config.json``; returns the paths by key (train, val, train_gt, val_gt)."""
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty={difficulty!r} is unknown: use one of {sorted(DIFFICULTIES)}")
     if n < 1:
@@ -196,7 +197,7 @@ def build_synth(out_dir: str | Path, *, n: int, seed: int = 0, difficulty: str =
         paths[split] = out / f"{split}.jsonl"
         write_jsonl(rows, paths[split])
         gt = rows_to_coco_gt(rows, file_names=[f"images/{split}/{i:06d}.png" for i in range(count)])
-        paths[f"{split}_gt"] = out / f"{split}_coco.json"
+        paths[f"{split}_gt"] = out / f"{split}_gt.json"
         paths[f"{split}_gt"].write_text(json.dumps(gt))
     (out / "synth_config.json").write_text(json.dumps({"difficulty": difficulty, "seed": seed, "n": n,
                                                         "template": template, **asdict(cfg)}, indent=1))

@@ -89,6 +89,6 @@ def test_cli_synth(tmp_path, capsys):
     from megatron_vr1.cli import main
 
     assert main(["data", "synth", "--out", str(tmp_path), "--n", "6", "--seed", "1", "--difficulty", "labels"]) == 0
-    assert (tmp_path / "train_coco.json").exists() and (tmp_path / "val.jsonl").exists()
+    assert (tmp_path / "train_gt.json").exists() and (tmp_path / "val.jsonl").exists()
     assert main(["data", "synth", "--out", str(tmp_path), "--n", "0"]) == 2
     assert "n=0" in capsys.readouterr().err
