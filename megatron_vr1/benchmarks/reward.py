@@ -64,10 +64,10 @@ def _overlap_table(batch: int, seed: int) -> None:
     cfg = RewardConfig(preset="official")
     iters = 2_000_000
 
-    def timed_loop() -> float:
-        t0 = time.perf_counter()
+    def timed_loop() -> tuple[float, float]:
+        w0, c0 = time.perf_counter(), time.thread_time()
         _python_work(iters)
-        return time.perf_counter() - t0
+        return time.perf_counter() - w0, time.thread_time() - c0
 
     alone = timed_loop()
     with RewardWorker(cfg) as worker:
@@ -82,12 +82,13 @@ def _overlap_table(batch: int, seed: int) -> None:
     done_thread = not thread.is_alive()
     thread.join()
     print(f"\nmain-thread Python loop ({iters:,} iterations) while {batch} completions (10 GT) are scored")
-    print("| scoring runs in           | loop wall s | slowdown | scoring finished before the loop |")
-    print("|---------------------------|-------------|----------|----------------------------------|")
-    print(f"| nowhere (loop alone)      | {alone:11.3f} | {1.0:7.2f}x | -                                |")
-    print(f"| RewardWorker process      | {with_process:11.3f} | {with_process / alone:7.2f}x | {str(done_process):<32} |")
-    print(f"| thread of this process    | {with_thread:11.3f} | {with_thread / alone:7.2f}x | {str(done_thread):<32} |")
-    print("A thread shares the GIL with the loop; the worker process does not (it competes only for a core).")
+    print("| scoring runs in        | loop wall s | slowdown | loop CPU / wall | scoring done before loop |")
+    print("|------------------------|-------------|----------|-----------------|--------------------------|")
+    for name, (wall, cpu), done in (("nowhere (loop alone)", alone, "-"), ("RewardWorker process", with_process,
+                                     str(done_process)), ("thread of this process", with_thread, str(done_thread))):
+        print(f"| {name:<22} | {wall:11.3f} | {wall / alone[0]:7.2f}x | {cpu / wall:15.0%} | {done:<24} |")
+    print("loop CPU / wall: the share of the loop's wall time it actually ran. A scoring thread takes the GIL")
+    print("from it; the worker process only competes for a core (this machine's other load included).")
 
 
 def run(args: argparse.Namespace) -> int:

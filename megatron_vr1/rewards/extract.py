@@ -18,7 +18,7 @@ import numpy as np
 
 from megatron_vr1.config.reward import RewardRules
 from megatron_vr1.rewards.parse_griffon import parse_griffon
-from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _fallback, _items_to_boxes, json_loads,
+from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _fallback, _SCAN_ONCE, _items_to_boxes, json_loads,
                                              loose_format,
                                              release_parse_json, strict_format)
 from megatron_vr1.rewards.target import RewardTarget
@@ -51,8 +51,29 @@ def _canonical_fence(text: str, stripped: str) -> bool:
     "\\n```" first), exactly two "```", no line breaks other than "\\n" (the release re-joins splitlines()),
     and long enough that the two markers do not overlap.
     """
-    return (text.startswith("```json\n") and len(stripped) >= 12 and stripped.endswith("\n```")
-            and stripped.count("```") == 2 and _EXOTIC_BREAKS.search(stripped) is None)
+    if not (text.startswith("```json\n") and len(stripped) >= 12 and stripped.endswith("\n```")
+            and stripped.count("```") == 2):
+        return False
+    if stripped.isascii():  # str `in` scans are far cheaper than a regex search over the whole answer
+        return not ("\r" in stripped or "\x0b" in stripped or "\x0c" in stripped or "\x1c" in stripped
+                    or "\x1d" in stripped or "\x1e" in stripped)
+    return _EXOTIC_BREAKS.search(stripped) is None
+
+
+def _loads_fenced_body(body: str) -> object:
+    """json_loads of a fenced body without the whitespace regexes in the usual case ("[...]\\n")."""
+    if body[:1] in (" ", "\t", "\n", "\r", ""):
+        try:
+            return json_loads(body)
+        except (ValueError, StopIteration, RecursionError):
+            return _FAILED
+    try:
+        obj, end = _SCAN_ONCE(body, 0)
+    except (ValueError, StopIteration, RecursionError):
+        return _FAILED
+    if end != len(body) and body[end:].strip(" \t\n\r"):
+        return _FAILED  # extra data after the JSON value, as json.loads reports
+    return obj
 
 
 def _numeric(boxes: list) -> np.ndarray | None:
@@ -84,8 +105,8 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
     truncate = rules.coordinate_cast == "truncate"
     strict = rules.format_check == "strict"
     absolute = rules.coordinates == "absolute"
-    format_ok = np.zeros(b, dtype=bool)
-    fmt_pending = np.zeros(b, dtype=bool)  # loose format decided by the fast conversion
+    format_list = [False] * b
+    pending_list = [False] * b  # loose format decided by the fast conversion below
     stripped_all: list[str] = [""] * b
     objs: list[object] = [_FAILED] * b
     bodies: list[str] = [""] * b
@@ -100,24 +121,23 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
             # "```json\n<body>\n```" with no other fence and plain "\n" line breaks: the release's
             # parse_json body is stripped[8:-3], and its format check sees the same JSON (see below).
             body = stripped[8:-3]
-            try:
-                obj = json_loads(body)
-            except (ValueError, StopIteration, RecursionError):
-                obj = _FAILED
+            obj = _loads_fenced_body(body)
         else:
             body, obj = release_parse_json(stripped)
         stripped_all[i], objs[i], bodies[i] = stripped, obj, body
         if type(obj) is list:
-            items = [it for it in obj if type(it) is dict]
-            item_boxes[i] = [it.get("bbox_2d") for it in items]
-            item_labels[i] = [it.get("label") for it in items]
+            pairs = [(it.get("bbox_2d"), it.get("label")) for it in obj if type(it) is dict]
+            item_boxes[i] = [p[0] for p in pairs]
+            item_labels[i] = [p[1] for p in pairs]
         if strict:
             bx, by = (t.input_width, t.input_height) if absolute else (1000, 1000)
-            format_ok[i] = strict_format(stripped, obj, bx, by)
+            format_list[i] = strict_format(stripped, obj, bx, by)
         elif obj is not _FAILED and (canonical or _FORMAT_STRIP_RE.sub("", text).strip() == body.strip()):
-            fmt_pending[i] = True  # same JSON value as the extraction's: checked on its items below
+            pending_list[i] = True  # same JSON value as the extraction's: checked on its items below
         else:
-            format_ok[i] = loose_format(text, body, obj)
+            format_list[i] = loose_format(text, body, obj)
+    format_ok = np.array(format_list, dtype=bool)
+    fmt_pending = np.array(pending_list, dtype=bool)
 
     # One np.array for the whole batch; if some answer is irregular, convert answer by answer and send the
     # irregular ones down the exact item-by-item path.
