@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with args.inp.open(encoding="utf-8") as fin, args.out.open("w", encoding="utf-8") as fout:
             batch: list = []
-            for lineno, line in enumerate(fin, start=1):
+            for lineno, line in enumerate(_bounded_lines(fin), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -127,6 +127,21 @@ def run(args: argparse.Namespace) -> int:
         msg += f"; skipped {skipped} malformed rows"
     print(msg, file=sys.stderr)
     return 0
+
+
+def _bounded_lines(fin):
+    """Lines of ``fin``, never holding more than MAX_LINE_CHARS + 1 characters of one line in memory: the
+    head of an overlong line is yielded (and rejected by _read_row), its remainder is skipped."""
+    while True:
+        line = fin.readline(MAX_LINE_CHARS + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+            while True:
+                rest = fin.readline(MAX_LINE_CHARS)
+                if not rest or rest.endswith("\n"):
+                    break
+        yield line
 
 
 def _flush(batch: list, cfg, default_step, schedule, fout, score_batch) -> int:

@@ -87,3 +87,13 @@ def test_bench_reward_prints_table(capsys, monkeypatch):
                                 "--overlap-batch", "0"]) == 0
     text = capsys.readouterr().out
     assert "per-completion baseline" in text and "|        2 |" in text
+
+
+def test_overlong_line_is_a_bad_row_not_a_memory_spike(tmp_path, capsys, monkeypatch):
+    import megatron_vr1.commands.score as score_cmd
+    monkeypatch.setattr(score_cmd, "MAX_LINE_CHARS", 1000)
+    inp, out = tmp_path / "rows.jsonl", tmp_path / "scores.jsonl"
+    _write(inp, [dict(ROW, completion="x" * 5000), dict(ROW, completion=WORKED)])
+    assert main(["score", "--in", str(inp), "--out", str(out), "--on-bad-row", "skip"]) == 0
+    assert "skipped 1 malformed rows" in capsys.readouterr().err
+    assert round(json.loads(out.read_text())["precision"], 5) == 0.87648
