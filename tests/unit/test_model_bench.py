@@ -4,6 +4,7 @@ and a user error without a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -46,8 +47,10 @@ def test_bench_user_error_has_no_traceback(capsys):
 
 @pytest.mark.slow
 def test_bench_train_cli_tiny():
+    # a fresh single-process world: drop rendezvous variables another test of this session may have set
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "megatron_vr1.cli", "bench", "train", "--shape", "tiny", "--seq", "96",
-                           "--steps", "1", "--warmup", "1"], capture_output=True, text=True, timeout=300)
+                           "--steps", "1", "--warmup", "1"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "megatron-core (local, attention=local)" in proc.stdout and "transformers (sdpa, torch AdamW)" in proc.stdout
     assert "megatron / transformers tokens/s:" in proc.stdout
