@@ -62,30 +62,53 @@ def _overlap_table(batch: int, seed: int) -> None:
     completions, rows = _batch(rng, batch, 10)
     targets = [target_from_row(r) for r in rows]
     cfg = RewardConfig(preset="official")
-    iters = 2_000_000
+    iters = 1_000_000
 
     def timed_loop() -> tuple[float, float]:
         w0, c0 = time.perf_counter(), time.thread_time()
         _python_work(iters)
         return time.perf_counter() - w0, time.thread_time() - c0
 
-    alone = timed_loop()
+    def with_process(worker: RewardWorker) -> tuple[tuple[float, float], bool]:
+        fut = worker.submit(completions, targets)
+        timing = timed_loop()
+        done = fut.done()
+        fut.result()
+        return timing, done
+
+    def with_thread() -> tuple[tuple[float, float], bool]:
+        thread = threading.Thread(target=score_batch, args=(completions, targets, cfg))
+        thread.start()
+        timing = timed_loop()
+        done = not thread.is_alive()
+        thread.join()
+        return timing, done
+
+    # Interleaved repeats, medians: the machine's background load drifts between runs.
+    runs: dict[str, list] = {"alone": [], "process": [], "thread": []}
     with RewardWorker(cfg) as worker:
         worker.submit(completions[:8], targets[:8]).result()  # start the process outside the timing
-        fut = worker.submit(completions, targets)
-        with_process = timed_loop()
-        done_process = fut.done()
-        fut.result()
-    thread = threading.Thread(target=score_batch, args=(completions, targets, cfg))
-    thread.start()
-    with_thread = timed_loop()
-    done_thread = not thread.is_alive()
-    thread.join()
-    print(f"\nmain-thread Python loop ({iters:,} iterations) while {batch} completions (10 GT) are scored")
+        for _ in range(3):
+            runs["alone"].append((timed_loop(), "-"))
+            runs["process"].append(with_process(worker))
+            runs["thread"].append(with_thread())
+
+    def med(name: str) -> tuple[tuple[float, float], str]:
+        walls = sorted(runs[name], key=lambda r: r[0][0])
+        (wall, cpu), done = walls[len(walls) // 2]
+        return (wall, cpu), str(done)
+
+    alone, _ = med("alone")
+    (w_p, c_p), done_process = med("process")
+    (w_t, c_t), done_thread = med("thread")
+    with_process_t, with_thread_t = (w_p, c_p), (w_t, c_t)
+    print(f"\nmain-thread Python loop ({iters:,} iterations) while {batch} completions (10 GT) are scored "
+          "(median of 3 interleaved runs)")
     print("| scoring runs in        | loop wall s | slowdown | loop CPU / wall | scoring done before loop |")
     print("|------------------------|-------------|----------|-----------------|--------------------------|")
-    for name, (wall, cpu), done in (("nowhere (loop alone)", alone, "-"), ("RewardWorker process", with_process,
-                                     str(done_process)), ("thread of this process", with_thread, str(done_thread))):
+    for name, (wall, cpu), done in (("nowhere (loop alone)", alone, "-"),
+                                    ("RewardWorker process", with_process_t, done_process),
+                                    ("thread of this process", with_thread_t, done_thread)):
         print(f"| {name:<22} | {wall:11.3f} | {wall / alone[0]:7.2f}x | {cpu / wall:15.0%} | {done:<24} |")
     print("loop CPU / wall: the share of the loop's wall time it actually ran. A scoring thread takes the GIL")
     print("from it; the worker process only competes for a core (this machine's other load included).")

@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training step for the refinement schedule (default: none = released default)")
     parser.add_argument("--total-steps", type=int, default=None,
                         help="run length, needed with --step for the paper preset's fraction schedule")
-    parser.add_argument("--in", dest="inp", required=True, type=Path, help="input rows (.jsonl)")
-    parser.add_argument("--out", required=True, type=Path, help="output scores (.jsonl)")
+    parser.add_argument("--in", dest="inp", required=True, type=Path, metavar="ROWS.jsonl",
+                        help="input rows, one JSON object per line")
+    parser.add_argument("--out", required=True, type=Path, metavar="SCORES.jsonl",
+                        help="output scores, one JSON object per input row, same order")
     parser.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
                         help="error: stop at the first malformed row (default); skip: drop it, count at the end")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
