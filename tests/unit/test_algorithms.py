@@ -175,7 +175,7 @@ def test_token_and_sequence_aggregation_differ_when_lengths_differ():
     # equal lengths: both agree
     full = torch.ones(2, 3)
     kw["loss_mask"] = full
-    _approx(policy_loss(**kw, aggregation="sequence").loss, float(policy_loss(**kw, aggregation="token").loss))
+    _approx(policy_loss(**kw, aggregation="sequence").loss, float(policy_loss(**kw, aggregation="token").loss.detach()))
     # a global denominator (e.g. tokens over all micro-batches) replaces the local count
     _approx(policy_loss(**kw, aggregation="token", denominator=12.0).loss, (-0.7 * 3 + 1.3 * 3) / 12)
 
