@@ -144,6 +144,6 @@ def _check(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         return int(args._data_run(args) or 0)
-    except (ValueError, OSError) as e:  # user errors (RowError and ConfigError are ValueErrors): one line
+    except (ValueError, OSError, ImportError) as e:  # user errors (RowError, ConfigError are ValueErrors)
         print(f"megatron-vr1 data {args.data_cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -113,6 +113,18 @@ Backend = Literal["torchvision", "pil"]
 (``Qwen2VLImageProcessorPil``). They resize and normalise with different arithmetic."""
 
 
+def require_torchvision():
+    """Import torchvision or say how to get it: transformers' default Qwen2-VL image and video processors
+    (and so the tiny-model assets and the "torchvision" backend here) need it."""
+    try:
+        import torchvision
+        import torchvision.transforms.v2.functional  # noqa: F401
+    except ImportError:
+        raise ImportError("torchvision is required for the Qwen2-VL processors: pip install torchvision==0.29.1 "
+                          "(the build matching torch 2.14.1), or use backend='pil'") from None
+    return torchvision
+
+
 def resize_for_model(image: Image.Image, *, min_pixels: int, max_pixels: int,
                      backend: Backend = "torchvision") -> np.ndarray:
     """The resized uint8 (H, W, 3) array the processor feeds to patchify (bicubic, antialiased)."""
@@ -123,7 +135,8 @@ def resize_for_model(image: Image.Image, *, min_pixels: int, max_pixels: int,
     if backend == "pil":
         return np.asarray(image.convert("RGB").resize((w, h), resample=Image.Resampling.BICUBIC))
     import torch  # the torchvision backend resizes a uint8 CHW tensor with antialiasing
-    from torchvision.transforms.v2 import functional as tvF
+
+    tvF = require_torchvision().transforms.v2.functional
 
     chw = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
     out = tvF.resize(chw, [h, w], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)

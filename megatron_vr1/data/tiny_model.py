@@ -119,6 +119,9 @@ def build_tokenizer(*, vocab_size: int = 2048) -> Any:
 
 def build_processor(tokenizer: Any, spec: TinyModelSpec) -> Any:
     """``Qwen2_5_VLProcessor`` = Qwen2VL image processor + the tokenizer + Qwen2VL video processor."""
+    from megatron_vr1.data.image import require_torchvision
+
+    require_torchvision()  # without it transformers only offers a placeholder video processor
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     image_processor = Qwen2VLImageProcessor(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
