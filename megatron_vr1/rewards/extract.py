@@ -132,10 +132,16 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
         if strict:
             bx, by = (t.input_width, t.input_height) if absolute else (1000, 1000)
             format_list[i] = strict_format(stripped, obj, bx, by)
-        elif obj is not _FAILED and (canonical or _FORMAT_STRIP_RE.sub("", text).strip() == body.strip()):
-            pending_list[i] = True  # same JSON value as the extraction's: checked on its items below
+        elif canonical:
+            pending_list[i] = obj is not _FAILED  # same JSON as the extraction's: checked on its items below
         else:
-            format_list[i] = loose_format(text, body, obj)
+            fmt_text = _FORMAT_STRIP_RE.sub("", text).strip()
+            if fmt_text == body.strip(" \t\n\r"):
+                # Equal up to JSON whitespace: json.loads gives the extraction's value, or fails the same way
+                # (typically an answer cut off at the token limit).
+                pending_list[i] = obj is not _FAILED
+            else:
+                format_list[i] = loose_format(text, body, obj)
     format_ok = np.array(format_list, dtype=bool)
     fmt_pending = np.array(pending_list, dtype=bool)
 
