@@ -22,6 +22,7 @@ from megatron_vr1.convert.session import build, check_layout, ensure_parallel, h
 @dataclass(frozen=True, slots=True)
 class ConvertReport:
     seconds: float
+    """Streaming + writing time (excludes imports, process-group setup and building the model)."""
     bytes_read: int
     peak_rss_bytes: int
     padded_vocab: int
@@ -37,7 +38,6 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1,
                         dtype: str | None = None) -> ConvertReport:
     """Write ``out_dir`` (torch_dist) from the HF checkpoint in ``hf_dir``; vocabulary padded for ``tp``.
     ``dtype``: float32 / bfloat16 / float16, default the checkpoint's own."""
-    start = time.perf_counter()
     config = load_config(hf_dir)
     check_layout(config, tp, pp)
     reader = SafetensorsReader(hf_dir)  # validates every header: a truncated file fails here, named
@@ -45,6 +45,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1,
     padded = padded_vocab(arch_from_config(config).vocab_size, tp)
     ensure_parallel(1, 1)
     model = build(config, dtype, 1, 1, padded)
+    start = time.perf_counter()
     nbytes = load_hf_weights(model, reader, config)
     reader.close()
     save_checkpoint(model, out_dir, {"source": str(hf_dir), "padded_vocab": padded, "tp": tp, "pp": pp,

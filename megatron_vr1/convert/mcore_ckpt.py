@@ -33,12 +33,33 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def model_sharded_state_dict(model: torch.nn.Module) -> dict:
+    """The model's sharded state dict with replica ids fixed for tensors replicated over TP/DP.
+
+    Tensors made by ``sharded_state_dict_default`` for a plain module (the HF vision tower) get replica id 0 on
+    every rank; dist_checkpointing then rejects the load ("Invalid access pattern": two main replicas) as soon as
+    TP or DP > 1. Mark every rank but the first of its TP x DP replica set as a replica.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    sd = unwrap(model).sharded_state_dict()
+    if not ps.model_parallel_is_initialized():
+        return sd
+    tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+    for v in sd.values():
+        if (isinstance(v, ShardedTensor) and v.key.startswith("visual.") and not any(v.replica_id)
+                and (tp_rank or dp_rank)):
+            v.replica_id = (0, tp_rank, dp_rank)
+    return sd
+
+
 def _sharded_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """{checkpoint key: global shape} of the model's sharded state dict (factories expanded)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     out = {}
-    for v in unwrap(model).sharded_state_dict().values():
+    for v in model_sharded_state_dict(model).values():
         items = v.build() if isinstance(v, ShardedTensorFactory) else [v]
         for t in items if isinstance(items, (list, tuple)) else items.values():
             if isinstance(t, ShardedTensor):
@@ -94,7 +115,7 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
 
     validate_checkpoint(ckpt_dir, model)
     bare = unwrap(model)
-    loaded = dist_checkpointing.load(bare.sharded_state_dict(), str(ckpt_dir))
+    loaded = dist_checkpointing.load(model_sharded_state_dict(bare), str(ckpt_dir))
     bare.load_state_dict(loaded, strict=True)
 
 
@@ -111,7 +132,7 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, meta: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # dist_checkpointing needs the directory to exist beforehand
     _barrier()
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(tmp))
+    dist_checkpointing.save(model_sharded_state_dict(model), str(tmp))
     _barrier()
     if _rank() == 0:
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))

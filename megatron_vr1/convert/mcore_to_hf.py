@@ -64,12 +64,12 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, hf_config_dir: str | Path, out_dir
                         max_shard_bytes: int = 5 * 2**30) -> ConvertReport:
     """Write an HF checkpoint directory ``out_dir`` from the torch_dist checkpoint ``ckpt_dir``; the architecture,
     tokenizer and processor come from ``hf_config_dir`` (the HF checkpoint it was converted from)."""
-    start = time.perf_counter()
     config = load_config(hf_config_dir)
     padded = checkpoint_padded_vocab(ckpt_dir)
     dtype = checkpoint_dtype(ckpt_dir)
     ensure_parallel(1, 1)
     model = build(config, dtype, 1, 1, padded)
+    start = time.perf_counter()
     load_checkpoint(model, ckpt_dir)
     nbytes = write_hf(model, config, Path(hf_config_dir), Path(out_dir), max_shard_bytes=max_shard_bytes)
     return ConvertReport(time.perf_counter() - start, nbytes, peak_rss_bytes(), padded, dtype)
