@@ -73,6 +73,21 @@ class LocalizationDataset:
                 self._yielded += 1
                 yield sample
 
+    def iter_epoch(self, epoch: int = 0) -> Iterator[Sample]:
+        """One pass over this rank's shard of ``epoch`` (for evaluation); the training position is untouched.
+        Bad/filtered rows are counted and reported at the end like a training epoch."""
+        saved = (self._bad, self._filtered, self._yielded)
+        self._bad, self._filtered, self._yielded = BadRowCounter(), 0, 0
+        try:
+            for index in self.sampler.epoch_indices(epoch):
+                sample = self._load(int(index))
+                if sample is not None:
+                    self._yielded += 1
+                    yield sample
+            self._close_epoch(epoch)
+        finally:
+            self._bad, self._filtered, self._yielded = saved
+
     def _load(self, index: int) -> Sample | None:
         try:
             row = read_row(self.source, index)

@@ -170,3 +170,11 @@ def test_hf_image_feature_and_parquet_struct_rows(rows_dir):
         assert report.ok and report.rows == 1, [str(e) for e in report.errors]
         row = read_row(open_rows(rows_dir / path), 0)
         assert row.num_instances == 2 and row.target_id_maps == {"cat": 1, "dog": 2}
+
+
+def test_iter_epoch_is_one_pass_without_moving_the_training_position(rows_dir):
+    lines = [_row(), _row(), _row(width=-1), _row()]
+    (rows_dir / "r.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    data = LocalizationDataset(rows_dir / "r.jsonl", on_bad_row="skip", shuffle=False)
+    assert [s.sample_id for s in data.iter_epoch()] == ["r.jsonl:1", "r.jsonl:2", "r.jsonl:4"]
+    assert data.epoch_reports[-1].skipped == 1 and data.sampler.state_dict()["offset"] == 0
