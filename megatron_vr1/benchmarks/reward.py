@@ -4,7 +4,8 @@ Batches of 64 synthetic policy-like answers (jittered, missed and extra boxes, ~
 ground-truth boxes. Both implementations run single-threaded in this process on the same inputs:
 ``rewards.score_batch`` and ``rewards.reference`` (the released per-completion logic, numpy in place of
 torch). Rates use the thread's CPU time (``time.thread_time``), which a busy shared machine inflates less
-than wall time; the wall-clock rate is shown too. Medians over ``--repeats``.
+than wall time; the wall-clock rate is shown too. Medians over ``--repeats``. The last column is the rate
+of json.loads alone on the same answers: the floor any Python scorer pays, under the same machine load.
 
 The second table shows the GIL question: a pure-Python loop in the main thread (a stand-in for the
 trainer's generation bookkeeping) timed alone, while a RewardWorker process scores a large batch, and while
@@ -14,6 +15,7 @@ a thread of this process scores the same batch.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import threading
@@ -47,6 +49,13 @@ def _median_time(fn, repeats: int) -> tuple[float, float]:
 def _batch(rng: random.Random, n: int, gt: int) -> tuple[list[str], list[dict]]:
     rows = [make_row(rng, gt) for _ in range(n)]
     return [noisy_answer(r, rng) for r in rows], rows
+
+
+def _try_json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _python_work(iterations: int) -> int:
@@ -119,17 +128,22 @@ def run(args: argparse.Namespace) -> int:
     official, paper = RewardConfig(preset="official"), RewardConfig(preset="paper")
     print(f"reward scoring, batches of {args.batch} completions, single thread, median of {args.repeats} "
           f"(baseline: {args.baseline_repeats}); rates from thread CPU time (wall-clock rate in brackets)")
-    print("| GT boxes | batched official c/s | batched paper c/s | per-completion baseline c/s | speed-up |")
-    print("|----------|----------------------|-------------------|-----------------------------|----------|")
+    print("| GT boxes | batched official c/s | batched paper c/s | per-completion baseline c/s | speed-up "
+          "| json.loads only c/s |")
+    print("|----------|----------------------|-------------------|-----------------------------|----------"
+          "|---------------------|")
     for gt in args.gt:
         completions, rows = _batch(rng, args.batch, gt)
         targets = [target_from_row(r) for r in rows]
         cpu_o, wall_o = _median_time(lambda: score_batch(completions, targets, official, None), args.repeats)
         cpu_p, wall_p = _median_time(lambda: score_batch(completions, targets, paper, None), args.repeats)
         cpu_b, wall_b = _median_time(lambda: reference.score_rows(completions, rows, None), args.baseline_repeats)
+        # The floor of any Python scorer: one json.loads per completion (the answer bodies, nothing else).
+        bodies = [c.strip()[8:-3] if c.strip().endswith("```") else c for c in completions]
+        cpu_j, _ = _median_time(lambda: [_try_json(x) for x in bodies], args.repeats)
         n = args.batch
         print(f"| {gt:8d} | {n / cpu_o:9,.0f} ({n / wall_o:8,.0f}) | {n / cpu_p:7,.0f} ({n / wall_p:7,.0f}) "
-              f"| {n / cpu_b:15,.0f} ({n / wall_b:9,.0f}) | {cpu_b / cpu_o:7.1f}x |")
+              f"| {n / cpu_b:15,.0f} ({n / wall_b:9,.0f}) | {cpu_b / cpu_o:7.1f}x | {n / cpu_j:19,.0f} |")
     if args.overlap_batch:
         _overlap_table(args.overlap_batch, args.seed)
     return 0
