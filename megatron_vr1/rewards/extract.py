@@ -18,9 +18,8 @@ import numpy as np
 
 from megatron_vr1.config.reward import RewardRules
 from megatron_vr1.rewards.parse_griffon import parse_griffon
-from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _fallback, _SCAN_ONCE, _items_to_boxes, json_loads,
-                                             loose_format,
-                                             release_parse_json, strict_format)
+from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _SCAN_ONCE, _fallback, _items_to_boxes,
+                                             json_loads, loose_format, release_parse_json, strict_format)
 from megatron_vr1.rewards.target import RewardTarget
 
 _EXOTIC_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
