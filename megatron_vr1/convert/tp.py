@@ -24,9 +24,10 @@ def _check(name: str, size: int, tp: int, what: str) -> None:
 
 
 def shard(full: torch.Tensor, kind: TPKind, tp: int, rank: int, name: str = "tensor") -> torch.Tensor:
-    """The slice of ``full`` that TP rank ``rank`` of ``tp`` holds (a fresh tensor)."""
+    """The slice of ``full`` that TP rank ``rank`` of ``tp`` holds. Unsplit tensors (TP=1, replicated) are returned
+    as is, without a copy: the loader copies into the parameter anyway, and a 1 GB model would pay twice."""
     if tp == 1 or kind == "replicated":
-        return full.clone()
+        return full
     if kind in ("column", "vocab"):
         _check(name, full.shape[0], tp, "dim 0")
         return torch.chunk(full, tp, dim=0)[rank].clone()
