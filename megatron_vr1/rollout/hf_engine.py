@@ -86,8 +86,15 @@ class HFEngine:
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model_dir, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True,
             attn_implementation="sdpa").to(self.device).eval()
-        pixel_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True, **pixel_kwargs)
+        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        if min_pixels is not None or max_pixels is not None:
+            # transformers 5.23 spells the pixel budget size={shortest_edge: min_pixels, longest_edge: max_pixels}
+            # (min_pixels/max_pixels kwargs are deprecated); the other bound keeps the checkpoint's value.
+            size = self.processor.image_processor.size
+            self.processor = AutoProcessor.from_pretrained(
+                model_dir, local_files_only=True,
+                size={"shortest_edge": min_pixels if min_pixels is not None else size["shortest_edge"],
+                      "longest_edge": max_pixels if max_pixels is not None else size["longest_edge"]})
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # decoder-only batches: prompts must end at the same position
         self.max_batch_size = max_batch_size

@@ -1,0 +1,187 @@
+"""``megatron-vr1 eval``: generate boxes with a model and score them by the paper's protocol (spec §4).
+
+    megatron-vr1 eval --model HF_DIR --gt GT.json --data ROWS_OR_IMAGE_DIR [--gt ... --data ...]
+                      [--mode coco|grounding] [--score constant|logprob] [--engine hf|sglang] --out DIR
+
+Each ``--gt``/``--data`` pair is one dataset (ODinW-13: thirteen pairs, reported with their average). Writes
+``metrics.json``, ``detections.json``, ``table.md`` (shaped like the paper's Table 1), ``pr_curves.png`` and
+``grid_<dataset>.png`` into DIR, plus ``<dataset>/answers.jsonl`` with every raw answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("hf", "sglang")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
+    parser.add_argument("--gt", action="append", required=True, help="COCO ground truth of a dataset (repeatable)")
+    parser.add_argument("--data", action="append", required=True,
+                        help="images of the matching --gt: rows (.jsonl/.json/.parquet with 'image' and 'image_id' or "
+                             "a file name matching the GT) or a directory holding the GT file_names (repeatable)")
+    parser.add_argument("--name", action="append", default=None,
+                        help="dataset names for the report (repeatable; default: the GT file's parent directory)")
+    parser.add_argument("--mode", choices=("coco", "grounding"), default="coco",
+                        help="coco: one query per image, all categories; grounding: one per (image, present category)")
+    parser.add_argument("--score", choices=("constant", "logprob"), default="constant",
+                        help="box confidence: 0.99 (the paper's Qwen protocol) or Griffon's token-probability score")
+    parser.add_argument("--engine", choices=ENGINES, default="hf", help="rollout engine that generates the answers")
+    parser.add_argument("--sglang-url", default=None, help="with --engine sglang: URL of a running SGLang server")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="queries per generate call")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of each dataset")
+    parser.add_argument("--min-pixels", type=int, default=28 * 28)
+    parser.add_argument("--max-pixels", type=int, default=12800 * 28 * 28,
+                        help="image processor budget (the released eval uses 12800*28*28)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--model-label", default=None, help="model name in table.md (default: the --model dir name)")
+    parser.add_argument("--grid-images", type=int, default=16, help="images in each grid figure")
+
+
+class EngineUnavailable(RuntimeError):
+    """The requested rollout engine cannot be used here; the message says what to do instead."""
+
+
+def make_engine(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(engine, render(problem) -> prompt, decode(ids) -> text, input_size(image) or None) for ``args.engine``."""
+    if args.engine == "hf":
+        from megatron_vr1.rollout.hf_engine import HFEngine
+
+        engine = HFEngine(args.model, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                          max_batch_size=args.batch_size)
+        return engine, engine.render_prompt, engine.decode, engine.input_size
+    if args.engine == "sglang":
+        try:
+            from megatron_vr1.rollout.sglang_engine import SGLangEngine, image_pad_id_of
+            from megatron_vr1.rollout.sglang_http import Endpoint
+        except ImportError as e:
+            raise EngineUnavailable(f"--engine sglang is unavailable here ({e}); install the rollout extra "
+                                    "(`make` builds .venv-sglang on CPU) or use --engine hf") from None
+        if not args.sglang_url:
+            raise EngineUnavailable("--engine sglang needs --sglang-url of a running server "
+                                    "(start one with `megatron-vr1 serve-rollout`)")
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        engine = SGLangEngine([Endpoint(url=args.sglang_url)], image_pad_id=image_pad_id_of(args.model),
+                              max_batch=args.batch_size)
+
+        def render(problem: str) -> str:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem}]}]
+            return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+        def decode(ids: Any) -> str:
+            return processor.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+        # The server's own processor decides the input size: it must run with the same --min/--max-pixels.
+        return engine, render, decode, None
+    raise EngineUnavailable(f"--engine {args.engine!r} is unknown; use one of {ENGINES}")
+
+
+def _dataset_names(args: argparse.Namespace) -> list[str]:
+    if args.name:
+        return list(args.name)
+    names = []
+    for gt in args.gt:
+        p = Path(gt)
+        base = p.parent.name or p.stem
+        names.append(base if base not in names else f"{base}_{len(names)}")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_vr1.eval.coco_metrics import CocoInputError, load_json_file, validate_ground_truth
+    from megatron_vr1.eval.queries import EvalDataError
+    from megatron_vr1.eval.runner import EvalSettings
+
+    def fail(msg: str) -> int:
+        print(f"megatron-vr1 eval: {msg}", file=sys.stderr)
+        return 2
+
+    if len(args.gt) != len(args.data):
+        return fail(f"got {len(args.gt)} --gt and {len(args.data)} --data; pass one --data per --gt")
+    names = _dataset_names(args)
+    if len(names) != len(args.gt) or len(set(names)) != len(names):
+        return fail(f"--name must be given once per --gt with distinct values, got {names}")
+    try:
+        settings = EvalSettings(mode=args.mode, score=args.score, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, limit=args.limit, min_pixels=args.min_pixels,
+                                max_pixels=args.max_pixels)
+        gts = [validate_ground_truth(load_json_file(p, "ground-truth"), source=str(p)) for p in args.gt]
+        for p in args.data:
+            if not Path(p).exists():
+                raise EvalDataError(f"--data {p} does not exist")
+        engine, render, decode, input_size = make_engine(args)
+    except (CocoInputError, EvalDataError, EngineUnavailable, FileNotFoundError, ValueError) as e:
+        return fail(str(e))
+    try:
+        return _evaluate_all(args, settings, names, gts, engine, render, decode, input_size)
+    except (CocoInputError, EvalDataError) as e:
+        return fail(str(e))
+    finally:
+        engine.close()
+
+
+def _evaluate_all(args, settings, names, gts, engine, render, decode, input_size) -> int:
+    from megatron_vr1.eval.figures import grid_items, plot_image_grid, plot_pr_curves
+    from megatron_vr1.eval.report import odinw_average, per_category_table, table1_markdown
+    from megatron_vr1.eval.runner import evaluate_dataset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, gt, data in zip(names, gts, args.data):
+        res = evaluate_dataset(engine, gt, data, name=name, settings=settings, render=render, decode=decode,
+                               input_size=input_size, progress=lambda m: print(m, file=sys.stderr))
+        results.append(res)
+        ds_dir = out / name
+        ds_dir.mkdir(parents=True, exist_ok=True)
+        (ds_dir / "detections.json").write_text(json.dumps(res.detections))
+        (ds_dir / "metrics.json").write_text(json.dumps({**res.metrics.to_json(), "answers": res.counts.to_json()},
+                                                        indent=2))
+        with (ds_dir / "answers.jsonl").open("w") as f:
+            for a in res.answers:
+                f.write(json.dumps(a) + "\n")
+        images = {q.image_id: q.image for q in res.queries}
+        plot_image_grid(grid_items(gt, res.detections, images, args.grid_images), out / f"grid_{name}.png")
+        c = res.counts
+        print(f"{name}: AP={res.metrics.stats['AP']:.4f} AP50={res.metrics.stats['AP50']:.4f} "
+              f"queries={c.n_queries} unparsable={c.n_unparsable} repaired={c.n_repaired} failed={c.n_failed} "
+              f"unknown_labels={c.n_unknown_label} detections={c.n_detections}")
+
+    per_dataset = {r.name: r.metrics.stats["AP"] for r in results}
+    summary: dict[str, Any] = {
+        "mode": settings.mode, "score": settings.score, "engine": args.engine, "model": str(args.model),
+        "weight_version": engine.weight_version,
+        "datasets": {r.name: {**r.metrics.to_json(), "answers": r.counts.to_json()} for r in results},
+    }
+    if len(results) > 1:
+        summary["average_mAP"] = odinw_average(per_dataset)
+    if len(results) == 1:
+        summary.update(results[0].metrics.stats)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    dets = results[0].detections if len(results) == 1 else {r.name: r.detections for r in results}
+    (out / "detections.json").write_text(json.dumps(dets))
+    plot_pr_curves([(r.name, r.metrics) for r in results], out / "pr_curves.png")
+
+    label = args.model_label or Path(args.model).name
+    coco = results[0].metrics.stats if settings.mode == "coco" and len(results) == 1 else None
+    odinw = per_dataset if coco is None else None
+    lines = [f"# Evaluation of {label} ({settings.mode} mode, {settings.score} scores)", "",
+             table1_markdown(label, "Dynamic", coco, odinw), ""]
+    for r in results:
+        c = r.counts
+        lines += [f"## {r.name}", "", f"AP {100 * r.metrics.stats['AP']:.1f}, AP50 {100 * r.metrics.stats['AP50']:.1f}, "
+                  f"AR100 {100 * max(r.metrics.stats['AR100'], 0):.1f}; {c.n_queries} queries, {c.n_unparsable} "
+                  f"unparsable, {c.n_repaired} repaired, {c.n_truncated} truncated, {c.n_failed} failed, "
+                  f"{c.n_unknown_label} boxes with unknown labels dropped.", "", per_category_table(r.metrics.per_category), ""]
+    (out / "table.md").write_text("\n".join(lines))
+    print(f"wrote {out}/metrics.json, detections.json, table.md, pr_curves.png")
+    return 0
