@@ -1,0 +1,244 @@
+"""SGLangEngine: the RolloutEngine over one or more SGLang HTTP servers, with recovery.
+
+- Requests with ``n`` samples are expanded client-side into n items with ids ``{request_id}-{i}`` (and seeds
+  ``seed + i``), sent as batched /generate calls to the least-loaded healthy server.
+- A batch that fails because a server died or timed out triggers recovery of that server: a server we launched
+  is restarted (same port), an attached one is waited for; then every registered re-sync hook runs (the weight
+  syncer pushes the current weights and version), and only the items without a result are retried. Results
+  are keyed by item id, so no completion is counted twice or lost.
+- Requests the server aborts (a weight sync pauses generation in "abort" mode) are resubmitted with the same
+  id, and so are generated with the new weights: nothing sampled from a half-updated model is kept.
+- Rollout logprobs at ``<|image_pad|>`` tokens are meaningless (SGLang reports the multimodal pad id there) and
+  are replaced by 0.0; the trainer masks image-pad positions out of the loss anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from megatron_vr1.rollout.engine import GenerationRequest
+from megatron_vr1.rollout.sglang_http import Endpoint, SGLangHTTPError, is_healthy, parse_weight_version
+from megatron_vr1.rollout.sglang_payloads import GenerateItem, generate_payload
+from megatron_vr1.rollout.sglang_server import SGLangServer
+from megatron_vr1.types import Completion
+
+log = logging.getLogger(__name__)
+
+ResyncHook = Callable[[Endpoint], None]
+MAX_GENERATE_RESPONSE_BYTES = 256 << 20
+MAX_ABORT_RETRIES = 20
+
+
+def is_aborted(out: dict[str, Any]) -> bool:
+    """SGLang returns requests it aborted (pause in "abort" mode, shutdown) with finish_reason type "abort"."""
+    finish = (out.get("meta_info") or {}).get("finish_reason")
+    return isinstance(finish, dict) and finish.get("type") == "abort"
+
+
+class ServerLost(RuntimeError):
+    """A server died or stopped answering and could not be brought back."""
+
+
+class _Slot:
+    """One server as the client sees it: where it is, how busy, and how to bring it back."""
+
+    def __init__(self, target: SGLangServer | Endpoint):
+        self.server = target if isinstance(target, SGLangServer) else None
+        self.endpoint = target.endpoint if isinstance(target, SGLangServer) else target
+        self.inflight = 0
+        self.epoch = 0
+        """Bumped by each recovery, so concurrent failures of one crash recover it once."""
+        self.lock = asyncio.Lock()
+
+
+def expand_requests(requests: Sequence[GenerationRequest]) -> list[GenerateItem]:
+    """One GenerateItem per completion, with unique ids ``{request_id}-{i}``; seeds differ per sample."""
+    seen: set[str] = set()
+    items = []
+    for req in requests:
+        if req.request_id in seen:
+            raise ValueError(f"request_id {req.request_id!r} appears twice in one generate() call; ids must be unique")
+        seen.add(req.request_id)
+        s = req.sampling
+        for i in range(s.n):
+            items.append(GenerateItem(rid=f"{req.request_id}-{i}", prompt=req.prompt, image=req.image,
+                                      temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                                      stop=s.stop, seed=None if s.seed is None else s.seed + i,
+                                      return_logprob=req.return_logprob))
+    return items
+
+
+def mask_image_pad(token_ids: Sequence[int], logprobs: Sequence[float | None], image_pad_id: int | None) -> list[float]:
+    """Logprobs with 0.0 at image-pad tokens (and where SGLang gave none)."""
+    return [0.0 if (lp is None or (image_pad_id is not None and tid == image_pad_id)) else float(lp)
+            for tid, lp in zip(token_ids, logprobs)]
+
+
+def to_completion(item: GenerateItem, sample_id: str, out: dict[str, Any], image_pad_id: int | None) -> Completion:
+    """Turn one /generate result into a Completion record."""
+    meta = out.get("meta_info") or {}
+    token_ids = tuple(int(t) for t in out.get("output_ids") or ())
+    entries = meta.get("output_token_logprobs") or []
+    if item.return_logprob and len(entries) != len(token_ids):
+        raise SGLangHTTPError(f"request {item.rid}: {len(entries)} logprobs for {len(token_ids)} tokens")
+    raw = [e[0] for e in entries] if entries else [None] * len(token_ids)
+    finish = meta.get("finish_reason") or {}
+    return Completion(sample_id=sample_id, request_id=item.rid, text=out.get("text", ""), token_ids=token_ids,
+                      logprobs=tuple(mask_image_pad(token_ids, raw, image_pad_id)),
+                      finish_reason=str(finish.get("type", "abort")) if isinstance(finish, dict) else str(finish),
+                      weight_version=parse_weight_version(meta.get("weight_version")))
+
+
+def image_pad_id_of(model_path: str | Path) -> int | None:
+    """``image_token_id`` from a checkpoint's config.json (151655 for Qwen2.5-VL; the tiny model uses 12)."""
+    try:
+        return int(json.loads(Path(model_path, "config.json").read_text())["image_token_id"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+class SGLangEngine:
+    """RolloutEngine over SGLang servers (launched ``SGLangServer``s and/or attached ``Endpoint``s)."""
+
+    def __init__(self, servers: Sequence[SGLangServer | Endpoint], *, image_pad_id: int | None,
+                 request_timeout_s: float = 300.0, max_batch: int = 16, max_attempts: int = 3,
+                 inline_images: bool = True, recovery_timeout_s: float = 600.0):
+        if not servers:
+            raise ValueError("SGLangEngine needs at least one server or endpoint")
+        if max_batch < 1 or max_attempts < 1:
+            raise ValueError("max_batch and max_attempts must be >= 1")
+        self._targets = list(servers)
+        self.image_pad_id = image_pad_id
+        self.request_timeout_s = request_timeout_s
+        self.max_batch = max_batch
+        self.max_attempts = max_attempts
+        self.inline_images = inline_images
+        self.recovery_timeout_s = recovery_timeout_s
+        self._weight_version = 0
+        self._resync_hooks: list[ResyncHook] = []
+        self.recoveries = 0
+
+    # -- RolloutEngine ---------------------------------------------------------------------------------------
+    @property
+    def weight_version(self) -> int:
+        return self._weight_version
+
+    def set_weight_version(self, version: int) -> None:
+        """Called by the weight syncer once every server has verified ``version``."""
+        self._weight_version = version
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [t.endpoint if isinstance(t, SGLangServer) else t for t in self._targets]
+
+    def add_resync_hook(self, hook: ResyncHook) -> None:
+        """``hook(endpoint)`` runs after a server is recovered, before requests are retried on it."""
+        self._resync_hooks.append(hook)
+
+    def remove_resync_hook(self, hook: ResyncHook) -> None:
+        if hook in self._resync_hooks:
+            self._resync_hooks.remove(hook)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        """Blocking: one list of ``request.sampling.n`` completions per request, in request order."""
+        return asyncio.run(self.agenerate(requests))
+
+    def close(self) -> None:
+        for t in self._targets:
+            if isinstance(t, SGLangServer):
+                t.stop()
+
+    # -- async core ------------------------------------------------------------------------------------------
+    async def agenerate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        items = expand_requests(requests)
+        sample_of = {f"{r.request_id}-{i}": r.sample_id for r in requests for i in range(r.sampling.n)}
+        results: dict[str, Completion] = {}
+        slots = [_Slot(t) for t in self._targets]
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
+        batches = [items[i:i + self.max_batch] for i in range(0, len(items), self.max_batch)]
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await asyncio.gather(*(self._run_batch(session, slots, b, sample_of, results) for b in batches))
+        return [[results[f"{req.request_id}-{i}"] for i in range(req.sampling.n)] for req in requests]
+
+    async def _run_batch(self, session, slots, batch, sample_of, results) -> None:
+        failures = aborts = 0
+        while True:
+            todo = [it for it in batch if it.rid not in results]
+            if not todo:
+                return
+            slot = min(slots, key=lambda s: s.inflight)
+            epoch = slot.epoch
+            slot.inflight += len(todo)
+            try:
+                outs = await self._post_generate(session, slot.endpoint, todo)
+            except SGLangHTTPError as e:
+                failures += 1
+                if not e.retryable or failures >= self.max_attempts:
+                    raise
+                log.warning("generate on %s failed (%s); recovering the server and retrying %d items",
+                            slot.endpoint.url, e, len(todo))
+                await self._recover(slot, epoch)
+                continue
+            finally:
+                slot.inflight -= len(todo)
+            by_id = {str((o.get("meta_info") or {}).get("id")): o for o in outs}
+            for it, out in zip(todo, outs):
+                out = by_id.get(it.rid, out)
+                if is_aborted(out):
+                    continue  # retried below: a weight sync paused the server in "abort" mode
+                results.setdefault(it.rid, to_completion(it, sample_of[it.rid], out, self.image_pad_id))
+            if any(it.rid not in results for it in todo):
+                aborts += 1
+                if aborts > MAX_ABORT_RETRIES:
+                    raise SGLangHTTPError(f"{slot.endpoint.url} aborted the same requests {aborts} times")
+                await asyncio.sleep(0.2)
+
+    async def _post_generate(self, session: aiohttp.ClientSession, endpoint: Endpoint,
+                             todo: list[GenerateItem]) -> list[dict[str, Any]]:
+        payload = generate_payload(todo, inline_images=self.inline_images)
+        url = endpoint.route("/generate")
+        try:
+            async with session.post(url, json=payload, headers=endpoint.headers()) as resp:
+                body = await resp.content.read(MAX_GENERATE_RESPONSE_BYTES + 1)
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            raise SGLangHTTPError(f"POST {url} failed: {type(e).__name__}: {e}", retryable=True) from None
+        if status != 200:
+            raise SGLangHTTPError(f"POST {url} -> HTTP {status}: {body[:2000].decode(errors='replace')}",
+                                  status=status, retryable=status >= 500)
+        if len(body) > MAX_GENERATE_RESPONSE_BYTES:
+            raise SGLangHTTPError(f"POST {url}: response over {MAX_GENERATE_RESPONSE_BYTES} bytes; use smaller batches")
+        outs = json.loads(body)
+        outs = outs if isinstance(outs, list) else [outs]
+        if len(outs) != len(todo):
+            raise SGLangHTTPError(f"POST {url}: {len(outs)} results for {len(todo)} prompts")
+        return outs
+
+    async def _recover(self, slot: _Slot, seen_epoch: int) -> None:
+        async with slot.lock:
+            if slot.epoch != seen_epoch:
+                return  # another batch already recovered it after the same failure
+            await asyncio.to_thread(self.recover_endpoint, slot.server, slot.endpoint)
+            slot.epoch += 1
+
+    def recover_endpoint(self, server: SGLangServer | None, endpoint: Endpoint) -> None:
+        """Bring one server back (restart ours, wait for an attached one), then re-sync its weights."""
+        self.recoveries += 1
+        if server is not None:
+            server.restart()
+        else:
+            deadline = time.monotonic() + self.recovery_timeout_s
+            while not is_healthy(endpoint):
+                if time.monotonic() > deadline:
+                    raise ServerLost(f"{endpoint.url} did not become healthy within {self.recovery_timeout_s:.0f} s")
+                time.sleep(2.0)
+        for hook in self._resync_hooks:
+            hook(endpoint)
