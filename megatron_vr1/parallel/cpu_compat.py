@@ -116,6 +116,12 @@ def apply() -> None:
             return fn(*args, **kwargs)
         return factory
 
+    # `with torch.device(...)` (transformers' meta-device init in from_pretrained) only redirects factories that
+    # are in torch's lru-cached constructor set; fill it with the originals before wrapping, or the wrapped
+    # factories escape the context and e.g. rotary inv_freq buffers end up uninitialised.
+    from torch.utils import _device as device_context
+
+    device_context._device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _wrap(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *a, **k: self

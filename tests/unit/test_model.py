@@ -244,3 +244,32 @@ def test_dist_checkpoint_roundtrip(mp, tmp_path):
         a = model(ids, pos, None, pixel_values=pix, image_grid_thw=grid)
         b = fresh(ids, pos, None, pixel_values=pix, image_grid_thw=grid)
     assert torch.equal(a, b)
+
+
+def test_checkpoint_dir_config_json_builds_matching_model(mp, tmp_path):
+    """From the data helper's on-disk tiny checkpoint: config.json read as a plain dict (what a run loads), tied
+    embeddings, the real tokenizer's vocabulary, and a prompt expanded by the real processor."""
+    import json
+
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from megatron_vr1.data.tiny_model import build_tiny_model
+    from megatron_vr1.models.build import build_model, mrope_position_ids
+
+    path = build_tiny_model(tmp_path / "tiny", preset="test", tie_word_embeddings=True)
+    config_json = json.loads((path / "config.json").read_text())
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    image = Image.fromarray((torch.rand(120, 100, 3) * 255).to(torch.uint8).numpy())
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>find the box<|im_end|>\n"
+    enc = processor(text=[text], images=[image], return_tensors="pt")
+    model = build_model(config_json, FP32, ParallelConfig()).eval()
+    assert model.share_embeddings_and_output_weights
+    load_hf_into(model, hf)
+    ids, grid = enc["input_ids"], enc["image_grid_thw"]
+    with torch.no_grad():
+        ref = hf(**enc, use_cache=False).logits
+        out = model(ids, mrope_position_ids(ids, grid, config_json), None, pixel_values=enc["pixel_values"],
+                    image_grid_thw=grid)
+    assert _rel(out[..., :ref.shape[-1]], ref) < 1e-5
