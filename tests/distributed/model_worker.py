@@ -21,9 +21,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from model_loading import IMAGE_TOKEN, VOCAB, hf_logits, image_prompt, load_hf_into, megatron_shard_from_hf, tiny_hf_model  # noqa: E402
 
-# name: (TP, PP, sequence parallel); DP = 4 / (TP x PP)
-LAYOUTS = {"tp2pp2": (2, 2, False), "tp2": (2, 1, False), "tp2sp": (2, 1, True), "pp2": (1, 2, False),
-           "dp": (1, 1, False)}
+# name: (TP, PP, sequence parallel, tied embeddings); DP = 4 / (TP x PP)
+LAYOUTS = {"tp2pp2": (2, 2, False, False), "tp2": (2, 1, False, False), "tp2sp": (2, 1, True, False),
+           "pp2": (1, 2, False, False), "pp2tied": (1, 2, False, True), "dp": (1, 1, False, False)}
 # (text before, grid, text after): different lengths per micro-batch
 SAMPLES = [(7, (1, 4, 8), 9), (3, (1, 8, 4), 20), (12, (1, 4, 4), 5), (5, (1, 4, 12), 14)]
 
@@ -137,9 +137,14 @@ def main():
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    hf = tiny_hf_model(0)
-    data, hf_grads = reference(hf, hf.config)
-    results = {name: run_layout(name, *LAYOUTS[name], hf, data, hf_grads) for name in args.layouts.split(",")}
+    refs = {}  # tied -> (HF model, per-sample data, HF grads); the tied model is the Qwen2.5-VL-3B case
+    results = {}
+    for name in args.layouts.split(","):
+        tp, pp, sp, tied = LAYOUTS[name]
+        if tied not in refs:
+            hf = tiny_hf_model(0, tie_word_embeddings=tied)
+            refs[tied] = (hf, *reference(hf, hf.config))
+        results[name] = run_layout(name, tp, pp, sp, *refs[tied])
     from megatron_vr1.parallel import state
 
     rank = int(os.environ["RANK"])

@@ -1,4 +1,4 @@
-"""The Qwen2.5-VL policy at TP=2, TP=2+SP, PP=2, TP2xPP2 and DP=4 (4 gloo ranks under real torchrun, one launch)
+"""The Qwen2.5-VL policy at TP=2, TP=2+SP, PP=2 (untied and tied embeddings), TP2xPP2 and DP=4 (4 gloo ranks under real torchrun, one launch)
 against transformers with the same weights: logits, logprobs, entropy, gradients after a 1F1B step over
 variable-length micro-batches with megatron DDP, and pipelined logprobs reaching every pipeline rank."""
 
@@ -21,7 +21,7 @@ def results(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,tp,pp,sp", [("tp2pp2", 2, 2, False), ("tp2", 2, 1, False), ("tp2sp", 2, 1, True),
-                                              ("pp2", 1, 2, False), ("dp", 1, 1, False)])
+                                              ("pp2", 1, 2, False), ("pp2tied", 1, 2, False), ("dp", 1, 1, False)])
 def test_layout_matches_transformers(results, layout, tp, pp, sp):
     ranks = [r[layout] for r in results]
     assert all(r["sequence_parallel"] == sp for r in ranks)
