@@ -31,18 +31,15 @@ class PreparedPrompt:
     image_grid_thw: tuple[int, int, int]
 
 
-def prepare_prompt(sample: Sample, tokenizer, *, min_pixels: int, max_pixels: int,
-                   template: str = "qwen25vl") -> PreparedPrompt:
-    """Decode and patchify the image, render the chat prompt and tokenize it (the data package's helpers)."""
-    from megatron_vr1.data.image import open_image, preprocess
-    from megatron_vr1.data.prompts import render_prompt
+def prepare_prompt(sample: Sample, tokenizer, *, min_pixels: int, max_pixels: int) -> PreparedPrompt:
+    """The data package's model inputs (image patches + chat prompt) with the prompt tokenized."""
+    from megatron_vr1.data.dataset import model_inputs
 
-    pixels, grid = preprocess(open_image(sample.image), min_pixels=min_pixels, max_pixels=max_pixels)
-    prompt = render_prompt(sample.problem, grid)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return PreparedPrompt(sample=sample, prompt=prompt, prompt_ids=tuple(ids),
-                          pixel_values=torch.from_numpy(np.asarray(pixels, dtype=np.float32)),
-                          image_grid_thw=tuple(int(v) for v in grid))
+    inputs = model_inputs(sample, min_pixels=min_pixels, max_pixels=max_pixels)
+    ids = tokenizer(inputs.prompt, add_special_tokens=False)["input_ids"]
+    return PreparedPrompt(sample=sample, prompt=inputs.prompt, prompt_ids=tuple(ids),
+                          pixel_values=torch.from_numpy(np.asarray(inputs.pixel_values, dtype=np.float32)),
+                          image_grid_thw=tuple(int(v) for v in inputs.image_grid_thw))
 
 
 def completion_mask_length(token_ids: Sequence[int], eos_ids: Sequence[int]) -> int:

@@ -4,11 +4,11 @@ positive-advantage completion raises its logprob (a negative one lowers it)."""
 import os
 
 import pytest
-
-pytestmark = pytest.mark.slow
 import torch
 
 from training_data import make_sample, run_config, tiny_hf_dir
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,105 @@
+"""The loop's plumbing, kept out of loop.py so the loop reads like the algorithm: rank helpers, weight sync into
+the engine, reward/rollout scalars, and checkpoint save/resume through the checkpoint package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_vr1.config.run import RunConfig
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (pickled; the TrainBatch's CPU tensors are small)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sync_weights(policy, engine, version: int, cfg: RunConfig) -> int:
+    """Stream the policy's HF-named weights (exporter buckets) into ``engine`` as ``version``; collective over
+    the ranks, only rank 0 passes an engine. Returns the number of tensors sent (0 on other ranks)."""
+    buckets = policy.export_buckets(cfg.rollout.bucket_mb * (1 << 20))
+    if engine is None:
+        for _ in buckets:  # take part in the collective export
+            pass
+        return 0
+    if hasattr(engine, "update_weights_from_buckets"):  # the SGLang engine's bucketed transport
+        return engine.update_weights_from_buckets(buckets, version)
+    # In-process engine: one versioned update over all buckets.
+    return engine.update_weights((nt for bucket in buckets for nt in bucket), version)
+
+
+def reward_scalars(rewards, groups, adv, version: int) -> dict[str, float]:
+    """Reward breakdown, completion lengths, truncation, zero-variance groups and the sampling weight versions."""
+    n = max(1, len(rewards))
+    comps = [c for g in groups for c in g.completions]
+    mean = lambda xs: float(sum(xs) / max(1, len(xs)))  # noqa: E731
+    return {
+        "reward/total": mean([r.total for r in rewards]), "reward/format": mean([r.format for r in rewards]),
+        "reward/recall": mean([r.recall for r in rewards]), "reward/precision": mean([r.precision for r in rewards]),
+        "reward/mean_iou": mean([r.mean_iou for r in rewards]),
+        "reward/unparsable_frac": sum(r.parse_status == "unparsable" for r in rewards) / n,
+        "rollout/length_mean": mean([len(c.token_ids) for c in comps]),
+        "rollout/length_max": float(max((len(c.token_ids) for c in comps), default=0)),
+        "rollout/truncated_frac": sum(c.finish_reason == "length" for c in comps) / max(1, len(comps)),
+        "rollout/zero_variance_groups": float(adv.zero_variance.sum()),
+        "rollout/weight_version_lag": float(version - min((c.weight_version for c in comps), default=version)),
+    }
+
+
+def _save_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.checkpoint.save_dir or Path(cfg.log.run_dir) / "checkpoints")
+
+
+def save_state(cfg: RunConfig, policy, step: int, version: int, *, dataset=None, schedule=None, dynamic=None) -> Path:
+    """Model, optimizer, scheduler, RNG (per rank), sampler position, reward stage and weight version; atomic."""
+    from megatron_vr1.checkpoint.training_state import save_checkpoint
+
+    state = {"weight_version": version,
+             "data": dataset.state_dict() if dataset is not None else None,
+             "reward_schedule": schedule.state_dict() if schedule is not None else None,
+             "dynamic_sampling": dynamic.state_dict() if dynamic is not None else None}
+    return save_checkpoint(save_dir=_save_dir(cfg), step=step, model=policy.model, optimizer=policy.optimizer,
+                           scheduler=policy.scheduler, state=state, keep_last=cfg.checkpoint.keep_last)
+
+
+def load_or_start(cfg: RunConfig, policy, *, dataset=None, schedule=None, dynamic=None) -> tuple[int, int]:
+    """(last completed step, weight version): restored from the save dir's ``latest`` when resuming, else (0, 0)."""
+    from megatron_vr1.checkpoint.training_state import load_checkpoint
+
+    if not cfg.checkpoint.resume:
+        return 0, 0
+    info = load_checkpoint(load_dir=_save_dir(cfg), model=policy.model, optimizer=policy.optimizer,
+                           scheduler=policy.scheduler)
+    if info is None:
+        return 0, 0
+    s = info.state
+    for obj, key in ((dataset, "data"), (schedule, "reward_schedule"), (dynamic, "dynamic_sampling")):
+        if obj is not None and s.get(key) is not None:
+            obj.load_state_dict(s[key])
+    return info.step, int(s.get("weight_version", info.step))
+
+
+@torch.no_grad()
+def logprob_gap(policy, engine, batch, prompts) -> float:
+    """Max |policy - engine| teacher-forced logprob over the completion tokens of ``batch`` (rank 0 engine):
+    zero up to float noise right after a weight sync."""
+    ours = policy.logprobs(batch)
+    worst = 0.0
+    for b, prep in enumerate(prompts):
+        p = len(prep.prompt_ids)
+        n = int(batch.lengths[b]) - p
+        ids = batch.input_ids[b, p:p + n].tolist()
+        theirs = torch.tensor(engine.teacher_forced_logprobs(prep.prompt, prep.sample.image, ids))
+        worst = max(worst, float((ours[b, p:p + n] - theirs).abs().max()))
+    return worst
