@@ -135,13 +135,14 @@ def test_logits_equal_transformers(mp, tie):
     assert _rel(out[..., :VOCAB], ref) < 1e-5
 
 
-def test_sdpa_attention_and_padding_mask_equal_transformers(mp):
+@pytest.mark.parametrize("backend,core", [("sdpa", "SDPAttention"), ("local", "DotProductAttention")])
+def test_attention_backends_with_padding_mask_equal_transformers(mp, backend, core):
     from megatron_vr1.models.build import mrope_position_ids
     from megatron_vr1.models.qwen25vl import attention_mask_from_padding
 
     hf = tiny_hf_model(0)
-    model = _built(hf, ModelConfig(dtype="float32", attention_backend="sdpa")).eval()
-    assert type(model.language_model.decoder.layers[0].self_attention.core_attention).__name__ == "SDPAttention"
+    model = _built(hf, ModelConfig(dtype="float32", attention_backend=backend)).eval()
+    assert type(model.language_model.decoder.layers[0].self_attention.core_attention).__name__ == core
     ids, pix, grid = _batch()
     pad = torch.ones_like(ids)
     pad[1, :3] = 0  # left padding on row 1
