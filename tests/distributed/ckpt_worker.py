@@ -17,9 +17,10 @@ import random
 import time
 
 
-def moment_fingerprint(optimizer, tp_rank: int, tp_group) -> dict:
+def moment_fingerprint(optimizer, tp_rank: int, mp_group) -> dict:
     """sha256 of every Adam state tensor (exact comparison in one layout), the global squared norms of
-    exp_avg / exp_avg_sq (comparable across TP layouts: replicated params counted once), and the step counts."""
+    exp_avg / exp_avg_sq summed over the model-parallel group (comparable across TP/PP layouts: TP-replicated
+    params counted once), and the step counts."""
     import torch
     import torch.distributed as dist
 
@@ -38,7 +39,7 @@ def moment_fingerprint(optimizer, tp_rank: int, tp_group) -> dict:
                 sq[0] += st["exp_avg"].double().pow(2).sum()
                 sq[1] += st["exp_avg_sq"].double().pow(2).sum()
     if dist.is_initialized():
-        dist.all_reduce(sq, group=tp_group)
+        dist.all_reduce(sq, group=mp_group)
     return {"sha256": digest.hexdigest(), "exp_avg_sq_norm": float(sq[0]), "exp_avg_sq_sq_norm": float(sq[1]),
             "steps": sorted(steps)}
 
@@ -54,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--save-dir", required=True)
     ap.add_argument("--save-interval", type=int, default=3)
@@ -77,7 +79,7 @@ def main() -> None:
     from megatron_vr1.parallel import state
     from megatron_vr1.training.smoke import TinyGPTShape, _forward_step, build_tiny_gpt, synthetic_batches
 
-    cfg = ParallelConfig(tensor_parallel=args.tp)
+    cfg = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     env = state.initialize(cfg)
     rank = env.rank
     random.seed(1234)
@@ -98,7 +100,9 @@ def main() -> None:
                                         end_wd=0.01, wd_incr_steps=args.steps, wd_incr_style="constant")
     forward_backward = get_forward_backward_func()
     pool = synthetic_batches(shape, 16, 2, seed=1)
-    tp_rank, tp_group = state.tp_rank(), state.tp_group()
+    from megatron.core import parallel_state
+
+    tp_rank, mp_group = state.tp_rank(), parallel_state.get_model_parallel_group()
     out = args.out
     step, position, info = 0, 0, None
     if args.resume:
@@ -106,7 +110,7 @@ def main() -> None:
                                load_optimizer=not args.no_load_optim)
         step, position = info.step, info.state["sampler_position"]
         with open(os.path.join(out, f"moments_loaded_rank{rank}.json"), "w") as f:
-            json.dump(moment_fingerprint(optimizer, tp_rank, tp_group) | {
+            json.dump(moment_fingerprint(optimizer, tp_rank, mp_group) | {
                 "step": info.step, "state": info.state, "rng_restored": info.rng_restored,
                 "saved_layout": info.saved_layout, "lr": optimizer.param_groups[0]["lr"]}, f)
 
@@ -131,7 +135,8 @@ def main() -> None:
             time.sleep(3600)  # the test SIGKILLs us here, mid-step
         _ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
-        loss = float(torch.stack([d["lm loss"] for d in losses]).mean())
+        # under PP only the last stage sees the loss; every rank has the (model-parallel reduced) grad norm
+        loss = float(torch.stack([d["lm loss"] for d in losses]).mean()) if losses else None
         metrics.write(json.dumps({"step": step, "loss": loss, "grad_norm": float(grad_norm),
                                   "lr": optimizer.param_groups[0]["lr"]}) + "\n")
         metrics.flush()
@@ -141,7 +146,7 @@ def main() -> None:
                                    "reward_stage": "beginner" if step < 4 else "advanced"},
                             keep_last=args.keep_last)
             with open(os.path.join(out, f"moments_saved_rank{rank}_step{step}.json"), "w") as f:
-                json.dump(moment_fingerprint(optimizer, tp_rank, tp_group), f)
+                json.dump(moment_fingerprint(optimizer, tp_rank, mp_group), f)
     metrics.close()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"params": param_digest(model), "position": position,

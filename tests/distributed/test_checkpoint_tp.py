@@ -64,3 +64,20 @@ def test_without_the_optimizer_state_the_run_diverges(runs):
     tp2, nomom = _metrics(runs / "tp2"), _metrics(runs / "tp1_nomom")
     assert _close(nomom[0]["loss"], tp2[SAVE_AT]["loss"])  # same weights: same first loss
     assert not _close(nomom[1]["loss"], tp2[SAVE_AT + 1]["loss"], 1e-4)  # fresh Adam moments: a different update
+
+
+def test_pp2_checkpoint_resumes_at_pp1(tmp_path):
+    """The same across pipeline stages: each PP=2 stage saves its layers (and their Adam moments); PP=1 loads
+    them all and continues the run."""
+    common = ["--steps", str(STEPS), "--save-interval", str(SAVE_AT), "--keep-last", "2"]
+    torchrun(WORKER, 2, ["--pp", "2", "--save-dir", str(tmp_path / "ckpt"), *common], tmp_path / "pp2", timeout=500)
+    (tmp_path / "ckpt" / "latest").write_text(f"iter_{SAVE_AT:07d}\n")
+    torchrun(WORKER, 1, ["--save-dir", str(tmp_path / "ckpt"), "--resume", *common], tmp_path / "pp1", timeout=500)
+    saved = json.loads((tmp_path / "pp2" / f"moments_saved_rank0_step{SAVE_AT}.json").read_text())
+    loaded = json.loads((tmp_path / "pp1" / "moments_loaded_rank0.json").read_text())
+    assert loaded["saved_layout"]["pipeline_parallel"] == 2 and loaded["steps"] == [float(SAVE_AT)]
+    for key in ("exp_avg_sq_norm", "exp_avg_sq_sq_norm"):
+        assert _close(loaded[key], saved[key], 1e-9), (key, loaded[key], saved[key])
+    pp2_last_stage, pp1 = _metrics(tmp_path / "pp2", rank=1), _metrics(tmp_path / "pp1")
+    for got, want in zip(pp1, pp2_last_stage[SAVE_AT:]):
+        assert _close(got["loss"], want["loss"]) and _close(got["grad_norm"], want["grad_norm"]), (got, want)
