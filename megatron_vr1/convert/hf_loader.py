@@ -73,7 +73,8 @@ def load_hf_weights(model: torch.nn.Module, reader: SafetensorsReader, hf_config
             padded = param.shape[0] * tp if entry.transform == "vocab" else arch.vocab_size
             local = shard(to_mcore(entry, tensors, arch, padded), entry.tp, tp, tp_rank, name)
             if tuple(local.shape) != tuple(param.shape):
-                raise ConversionError(f"{name}: the HF weights give a shard of shape {tuple(local.shape)} but the model "
+                raise ConversionError(f"{name}: the HF weights give a shard of shape {tuple(local.shape)} but the "
+                                      f"model "
                                       f"has {tuple(param.shape)}; the config does not match the weights")
             param.copy_(local)
             del tensors, local

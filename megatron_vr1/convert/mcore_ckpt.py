@@ -93,7 +93,8 @@ def validate_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module | None = No
             sizes[info.relative_path] = path.stat().st_size if path.exists() else -1
         if sizes[info.relative_path] < info.offset + info.length:
             what = "is missing" if sizes[info.relative_path] < 0 else f"has {sizes[info.relative_path]} bytes"
-            raise ConversionError(f"{path}: tensor {index.fqn!r} needs bytes {info.offset}..{info.offset + info.length} "
+            end = info.offset + info.length
+            raise ConversionError(f"{path}: tensor {index.fqn!r} needs bytes {info.offset}..{end} "
                                   f"but the file {what}; the checkpoint is truncated, write it again")
     if model is None:
         return
@@ -104,7 +105,8 @@ def validate_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module | None = No
             raise ConversionError(f"{ckpt}: tensor {key!r} is not in the checkpoint; the checkpoint is incomplete or "
                                   f"was written for a different model config")
         if tuple(getattr(meta, "size", ())) != shape:
-            raise ConversionError(f"{ckpt}: tensor {key!r} has shape {tuple(meta.size)} in the checkpoint but the model "
+            raise ConversionError(f"{ckpt}: tensor {key!r} has shape {tuple(meta.size)} in the checkpoint but the "
+                                  f"model "
                                   f"built from the config expects {shape}; use the config.json the checkpoint was "
                                   f"converted from (a different vocab padding needs the same --tp at conversion)")
 

@@ -45,7 +45,8 @@ LAYER_RULES: tuple[Rule, ...] = (
     Rule("decoder.layers.{layer}.pre_mlp_layernorm.weight", ("model.layers.{layer}.post_attention_layernorm.weight",),
          "copy", "replicated", te_alias="decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight"),
     Rule("decoder.layers.{layer}.mlp.linear_fc1.weight",
-         ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"), "gate_up", "gate_up"),
+         ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
+         "gate_up", "gate_up"),
     Rule("decoder.layers.{layer}.mlp.linear_fc2.weight", ("model.layers.{layer}.mlp.down_proj.weight",), "copy", "row"),
 )
 EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", "vocab")

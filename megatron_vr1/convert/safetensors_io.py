@@ -40,7 +40,8 @@ def read_header(path: Path) -> dict[str, dict]:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
+            raise ConversionError(f"{path}: the safetensors header is not valid JSON ({e}); the file is "
+                                  f"corrupt") from None
     header.pop("__metadata__", None)
     body = size - 8 - n
     for name, info in header.items():

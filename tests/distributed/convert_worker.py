@@ -35,7 +35,7 @@ def main() -> None:
     from megatron_vr1.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_vr1.convert.mcore_ckpt import load_checkpoint, save_checkpoint
     from megatron_vr1.convert.mcore_to_hf import write_hf
-    from megatron_vr1.convert.session import build, ensure_parallel
+    from megatron_vr1.convert.session import build, checkpoint_padded_vocab, ensure_parallel
     from megatron_vr1.convert.verify import verify
     from megatron_vr1.convert.arch import load_config
 
@@ -55,7 +55,7 @@ def main() -> None:
     # HF -> Megatron (TP=2, PP=2) -> HF, tensor by tensor, both tie settings.
     ensure_parallel(2, 2)
     for name, src, ck, cfg in (("untied", hf, ckpt, config), ("tied", hf_tied, ckpt_tied, config_tied)):
-        model = build(cfg, "float32", 2, 2, 512)
+        model = build(cfg, "float32", 2, 2, checkpoint_padded_vocab(ck))
         load_checkpoint(model, ck)
         write_hf(model, cfg, src, work / f"back_tp2pp2_{name}", max_shard_bytes=2**30)
         dist.barrier()
@@ -73,9 +73,9 @@ def main() -> None:
     dist.barrier()
     if rank == 0:
         result["tp2_ckpt_at_tp1"] = _identical(hf, work / "back_tp2_to_tp1")
-    # The untied config with the tied checkpoint: the error names the tensor.
+    # The tied config with the untied checkpoint: the error names the tensor.
     try:
-        load_checkpoint(build(config, "float32", 1, 1, 512), ckpt_tied)
+        load_checkpoint(build(config_tied, "float32", 1, 1, checkpoint_padded_vocab(ckpt_tied)), ckpt)
         result["mismatch_error"] = None
     except ConversionError as e:
         result["mismatch_error"] = str(e)

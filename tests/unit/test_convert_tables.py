@@ -97,7 +97,8 @@ def test_hf_key_layouts_and_te_aliases():
 
 def test_table_entries_tied_and_untied():
     untied, tied = Table(_arch()), Table(_arch(tie_word_embeddings=True))
-    assert "language_model.output_layer.weight" in untied.by_mcore and "language_model.output_layer.weight" not in tied.by_mcore
+    out = "language_model.output_layer.weight"
+    assert out in untied.by_mcore and out not in tied.by_mcore
     assert untied.entry("language_model.decoder.layers.1.self_attention.linear_qkv.bias").hf == tuple(
         f"model.layers.1.self_attn.{p}_proj.bias" for p in "qkv")
     assert untied.entry("visual.blocks.0.norm1.weight").transform == "copy"
