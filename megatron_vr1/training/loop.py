@@ -100,7 +100,9 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                     sync_weights(policy, engine, version, cfg)
                 else:
                     sync_weights(policy, None, version, cfg)  # the export is collective
-            scalars["time/step_s"] = time.time() - t0
+            scalars["time/step_s"] = elapsed = time.time() - t0
+            if batch is not None:
+                scalars["throughput/tokens_per_s"] = float(batch.loss_mask.sum()) / max(elapsed, 1e-9)
             scalars["weight_version"] = version
             scalars["reward/stage"] = schedule.observe(step).name
             if rank0:

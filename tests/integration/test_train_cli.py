@@ -1,0 +1,54 @@
+"""`megatron-vr1 train` in SFT mode and `megatron-vr1 plot` as real subprocesses on tiny synthetic data; the SFT
+loss goes down; a user error (missing data file) prints one line, no traceback, exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+from training_data import tiny_hf_dir
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "megatron_vr1.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_sft_train_then_plot(tmp_path):
+    from megatron_vr1.data.synth import build_synth
+
+    hf_dir = tiny_hf_dir(tmp_path)
+    paths = build_synth(tmp_path / "data", n=16, seed=0, difficulty="demo", n_val=2)
+    run_dir = tmp_path / "sft"
+    sets = [f"model.hf_path={hf_dir}", f"data.train_path={paths['train']}", "grpo.mode=sft", "grpo.train_steps=6",
+            "grpo.prompts_per_step=4", "grpo.lr=3e-3", "rollout.engine=hf", f"log.run_dir={run_dir}",
+            "log.progress=false", "checkpoint.save_interval=3"]
+    proc = _cli("train", "--recipe", "tiny_cpu_demo", *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from megatron_vr1.training.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    nll = [r["train/nll"] for r in records]
+    assert nll[-1] < nll[0], nll
+    assert (run_dir / "checkpoints" / "latest").exists()
+
+    plot = _cli("plot", str(run_dir))
+    assert plot.returncode == 0, plot.stderr
+    pngs = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
+    assert "loss.png" in pngs and all((run_dir / "plots" / p).stat().st_size > 1000 for p in pngs)
+
+
+def test_train_user_error_is_one_line(tmp_path):
+    hf_dir = tiny_hf_dir(tmp_path)
+    proc = _cli("train", "--recipe", "tiny_cpu_demo", "--set", f"model.hf_path={hf_dir}", "--set",
+                f"data.train_path={tmp_path / 'missing.jsonl'}", "--set", "rollout.engine=hf", timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "missing.jsonl" in proc.stderr
