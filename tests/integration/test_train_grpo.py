@@ -29,13 +29,13 @@ def world():
     state.destroy()
 
 
-def _data(tmp_path, bad_row_at: int | None = None):
+def _data(tmp_path, bad_row_at: int | None = None, n: int = 4):
     from megatron_vr1.data.synth import build_synth
 
-    paths = build_synth(tmp_path / "data", n=8, seed=0, difficulty="demo", n_val=2)
+    paths = build_synth(tmp_path / "data", n=n, seed=0, difficulty="demo", n_val=2)
     if bad_row_at is not None:
         lines = paths["train"].read_text().splitlines()
-        lines.insert(bad_row_at, json.dumps({"problem": "x", "image": lines and json.loads(lines[0])["image"],
+        lines.insert(bad_row_at, json.dumps({"problem": "x", "image": json.loads(lines[0])["image"],
                                              "solution": "not json", "width": 56, "height": 56}))
         paths["train"].write_text("\n".join(lines) + "\n")
     return paths
@@ -63,16 +63,18 @@ def test_grpo_run_end_to_end_with_hf_engine(world, tmp_path):
     from megatron_vr1.training.metrics import read_metrics
     from megatron_vr1.training.state import logprob_gap
 
-    paths = _data(tmp_path, bad_row_at=3)
-    cfg, policy, engine, dataset, records = _run(tmp_path, paths, on_bad_row="skip")
-    assert [r["step"] for r in records] == [1, 2]
-    assert engine.weight_version == 2 and records[-1]["weight_version"] == 2
+    # 4 good rows + 1 bad; 3 steps x 2 prompts read 6 rows, so the bad row is met whatever the shuffle.
+    paths = _data(tmp_path, bad_row_at=2)
+    cfg, policy, engine, dataset, records = _run(tmp_path, paths, on_bad_row="skip", steps=3)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert engine.weight_version == 3 and records[-1]["weight_version"] == 3
+    assert dataset.epoch_reports and dataset.epoch_reports[0].skipped == 1
     for r in records:
         assert 0.0 <= r["reward/total"] <= 3.0 and r["rollout/length_mean"] > 0
         assert r["rollout/weight_version_lag"] == 0  # on-policy: sampled by the weights of the step before
         if "train/logprob_gap_abs_mean" in r:
             assert r["train/logprob_gap_abs_mean"] < 1e-2  # the engine sampled with the policy's weights
-    assert [r["step"] for r in read_metrics(cfg.log.run_dir)] == [1, 2]
+    assert [r["step"] for r in read_metrics(cfg.log.run_dir)] == [1, 2, 3]
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
@@ -94,6 +96,6 @@ def test_grpo_run_end_to_end_with_hf_engine(world, tmp_path):
 def test_malformed_row_stops_run_when_configured(world, tmp_path):
     from megatron_vr1.data.schema import RowError
 
-    paths = _data(tmp_path, bad_row_at=1)
+    paths = _data(tmp_path, bad_row_at=1)  # 5 rows, 3 steps x 2 prompts: the bad row is always reached
     with pytest.raises(RowError, match=r"train.jsonl row \d+ field"):
         _run(tmp_path, paths, on_bad_row="error", steps=3)
