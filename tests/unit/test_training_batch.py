@@ -1,0 +1,84 @@
+"""TrainBatch assembly (loss mask to the first EOS, overlong filter, dropped empty rows, prompt-id check,
+alignment of rollout logprobs) and the metrics file reader. Fast: no megatron, one tiny tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_vr1.training.batch import PreparedPrompt, build_train_batch, completion_mask_length
+from megatron_vr1.training.metrics import MetricsLogger, read_metrics
+from megatron_vr1.types import Completion, GroundTruth, RolloutGroup, Sample
+
+EOS = 2
+
+
+def _sample(i=0):
+    return Sample(sample_id=f"s{i}", problem="p", image=b"", solution=(GroundTruth(label="a", box=(0, 0, 1, 1)),),
+                  width=28, height=28, input_width=28, input_height=28, num_instances=1, target_id_maps={"a": 1})
+
+
+def _prep(n_prompt=5, i=0):
+    return PreparedPrompt(sample=_sample(i), prompt="x", prompt_ids=tuple(range(100, 100 + n_prompt)),
+                          pixel_values=torch.full((4, 1176), float(i)), image_grid_thw=(1, 2, 2))
+
+
+def _comp(ids, reason="stop", prompt_ids=(), version=0):
+    return Completion(sample_id="s", request_id="r", text="", token_ids=tuple(ids),
+                      logprobs=tuple(-0.1 * (k + 1) for k in range(len(ids))), finish_reason=reason,
+                      weight_version=version, prompt_token_ids=tuple(prompt_ids))
+
+
+def test_completion_mask_stops_after_first_eos():
+    assert completion_mask_length([5, 6, EOS, 7, EOS], [EOS]) == 3
+    assert completion_mask_length([5, 6, 7], [EOS]) == 3
+    assert completion_mask_length([], [EOS]) == 0
+
+
+def test_build_train_batch_layout_and_alignment():
+    groups = [RolloutGroup(sample=_sample(0), completions=(_comp([7, 8, EOS, 9]), _comp([5], version=3))),
+              RolloutGroup(sample=_sample(1), completions=(_comp([6, 6, 6], reason="length"), _comp([4, EOS])))]
+    batch = build_train_batch(groups, [_prep(5, 0), _prep(3, 1)], torch.tensor([1.0, -1.0, 0.5, -0.5]), eos_ids=[EOS])
+    assert batch.input_ids.shape == (4, 8) and batch.lengths.tolist() == [8, 6, 6, 5]
+    assert batch.input_ids[0].tolist() == [100, 101, 102, 103, 104, 7, 8, EOS]  # token after EOS dropped
+    assert batch.loss_mask[0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert batch.loss_mask[3].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]  # right padding is outside the loss
+    assert batch.rollout_logprobs[0, 5:8].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert batch.advantages.tolist() == [1.0, -1.0, 0.5, -0.5] and batch.weight_versions == [0, 3, 0, 0]
+    assert batch.pixel_values.shape == (16, 1176) and batch.image_grid_thw.tolist() == [[1, 2, 2]] * 4
+    assert batch.pixel_values[8:12].eq(1.0).all()  # row 2 is sample 1's image
+
+
+def test_overlong_filter_drops_truncated_rows_and_all_empty_is_none():
+    groups = [RolloutGroup(sample=_sample(), completions=(_comp([6, 6], reason="length"), _comp([4, EOS])))]
+    batch = build_train_batch(groups, [_prep()], torch.tensor([1.0, -1.0]), eos_ids=[EOS], overlong_filter=True)
+    assert batch.input_ids.shape[0] == 1 and batch.advantages.tolist() == [-1.0]
+    empty = [RolloutGroup(sample=_sample(), completions=(_comp([6], reason="length"),))]
+    assert build_train_batch(empty, [_prep()], torch.tensor([1.0]), eos_ids=[EOS], overlong_filter=True) is None
+
+
+def test_engine_prompt_ids_must_match_and_advantage_count_checked():
+    groups = [RolloutGroup(sample=_sample(), completions=(_comp([4, EOS], prompt_ids=[1, 2]),))]
+    with pytest.raises(ValueError, match="tokenized the prompt"):
+        build_train_batch(groups, [_prep()], torch.tensor([1.0]), eos_ids=[EOS])
+    ok = [RolloutGroup(sample=_sample(), completions=(_comp([4, EOS]),))]
+    with pytest.raises(ValueError, match="advantages"):
+        build_train_batch(ok, [_prep()], torch.tensor([1.0, 2.0]), eos_ids=[EOS])
+
+
+def test_metrics_logger_jsonl_tensorboard_and_resume_dedup(tmp_path):
+    log = MetricsLogger(tmp_path, total_steps=3, tensorboard=True, progress=False)
+    log.log(1, {"reward/total": 0.5, "reward/stage": "beginner"})
+    log.log(2, {"reward/total": 0.7})
+    log.close()
+    again = MetricsLogger(tmp_path, total_steps=3, start_step=1, tensorboard=False, progress=False)
+    again.log(2, {"reward/total": 0.9})  # a resumed run repeats step 2: the last record wins
+    again.close()
+    recs = read_metrics(tmp_path)
+    assert [(r["step"], r["reward/total"]) for r in recs] == [(1, 0.5), (2, 0.9)]
+    assert any((tmp_path / "tensorboard").iterdir())
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\nnot json\n")
+    with pytest.raises(ValueError, match="metrics.jsonl line 2"):
+        read_metrics(tmp_path)
