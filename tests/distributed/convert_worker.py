@@ -32,6 +32,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from megatron_vr1.convert.errors import ConversionError
+    from megatron_vr1.convert.exporter import export_buckets
     from megatron_vr1.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_vr1.convert.mcore_ckpt import load_checkpoint, save_checkpoint
     from megatron_vr1.convert.mcore_to_hf import write_hf
@@ -61,6 +62,13 @@ def main() -> None:
         dist.barrier()
         if rank == 0:
             result[f"roundtrip_tp2pp2_{name}"] = _identical(src, work / f"back_tp2pp2_{name}")
+        if name == "untied":  # buckets of <= 20 kB (larger tensors alone) and transformers 5's in-memory names
+            buckets = list(export_buckets(model, 20_000, cfg))
+            sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in buckets]
+            memory = [n for b in export_buckets(model, 2**30, cfg, layout="memory") for n, _ in b]
+            result["buckets"] = {"n": len(buckets), "within": all(s <= 20_000 or len(b) == 1
+                                                                  for s, b in zip(sizes, buckets)),
+                                 "names": sorted(n for b in buckets for n, _ in b), "memory_names": sorted(memory)}
     # A checkpoint written at TP=2 loads at TP=1.
     ensure_parallel(2, 1)
     model = build(config, "float32", 2, 1, 512)

@@ -41,6 +41,20 @@ def test_hf_megatron_tp2_pp2_hf_is_byte_identical(converted, tie):
 
 
 @pytest.mark.slow
+def test_export_buckets_respect_the_size_and_both_name_layouts(converted):
+    from safetensors import safe_open
+
+    from megatron_vr1.convert.names import canonical_hf_name
+
+    b = converted[0]["buckets"]
+    with safe_open(str(converted[1].parent / "hf" / "model.safetensors"), framework="pt") as f:
+        hf_names = sorted(f.keys())
+    assert b["within"] and b["n"] > 10 and b["names"] == hf_names
+    assert sorted(canonical_hf_name(n) for n in b["memory_names"]) == hf_names
+    assert all(n.startswith(("model.language_model.", "model.visual.", "lm_head.")) for n in b["memory_names"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("tie,tp,pp", LAYOUTS)
 def test_logits_match_transformers(converted, tie, tp, pp):
     assert converted[0][f"logits_{tie}_tp{tp}_pp{pp}"] < 1e-5
