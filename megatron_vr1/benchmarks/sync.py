@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         server = SGLangServer(ServerSpec(model_path=str(model_dir), device=args.device, log_dir=str(work / "logs"),
-                                         max_total_tokens=1024))
+                                         max_total_tokens=1024, mem_fraction_static=0.3))
         t0 = time.perf_counter()
         server.start()
     except SGLangNotInstalled as e:

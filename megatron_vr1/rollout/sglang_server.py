@@ -33,7 +33,7 @@ CPU_VENV_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
 # The CPU engine of SGLang 0.5.10 (cpu-stack §2b): native torch attention, no CUDA graphs, no grammar backend,
 # a small static KV pool. float32 keeps its logprobs comparable with the trainer's at 1e-4.
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-             "--grammar-backend", "none", "--max-running-requests", "8", "--mem-fraction-static", "0.05")
+             "--grammar-backend", "none", "--max-running-requests", "8")
 
 
 class SGLangNotInstalled(RuntimeError):
@@ -72,10 +72,15 @@ class ServerSpec:
     dtype: str = "auto"
     """"auto": float32 on CPU, the checkpoint's dtype on GPU."""
     max_total_tokens: int = 8192
+    mem_fraction_static: float = 0.0
+    """Share of memory for weights + KV cache; 0 = SGLang's default on GPU, 0.05 on CPU (host RAM is shared)."""
     log_dir: str = "runs/sglang"
     startup_timeout_s: float = 600.0
     skip_warmup: bool = True
     """/health_generate already proves a generation works; SGLang's own warmup only costs startup time."""
+    cache_vision_embeddings: bool = False
+    """SGLang keeps ViT outputs per image hash (100 MB) and /flush_cache does not clear them, so after a weight
+    sync a seen image would be encoded by the old vision tower. Off unless the vision tower is frozen."""
     extra_args: tuple[str, ...] = ()
     python: str = ""
     """The interpreter with SGLang; empty means ``find_sglang_python()``."""
@@ -85,6 +90,8 @@ class ServerSpec:
                 "point to a Hugging Face checkpoint directory containing config.json")
         require(0 <= self.port < 65536, "server.port", self.port, "use 0 (free port) or a port number")
         require(self.startup_timeout_s > 0, "server.startup_timeout_s", self.startup_timeout_s, "use seconds > 0")
+        require(0.0 <= self.mem_fraction_static < 1.0, "server.mem_fraction_static", self.mem_fraction_static,
+                "use a fraction in [0, 1); 0 picks the default")
         require(self.max_total_tokens >= 256, "server.max_total_tokens", self.max_total_tokens, "use >= 256")
 
     def resolved_device(self) -> str:
@@ -133,9 +140,13 @@ class SGLangServer:
                "--host", s.host, "--port", str(self.port), "--max-total-tokens", str(s.max_total_tokens)]
         device = self.device
         if device == "cpu":
-            cmd += [*CPU_FLAGS, "--dtype", "float32" if s.dtype == "auto" else s.dtype]
-        elif s.dtype != "auto":
-            cmd += ["--dtype", s.dtype]
+            cmd += [*CPU_FLAGS, "--dtype", "float32" if s.dtype == "auto" else s.dtype,
+                    "--mem-fraction-static", str(s.mem_fraction_static or 0.05)]
+        else:
+            if s.mem_fraction_static:
+                cmd += ["--mem-fraction-static", str(s.mem_fraction_static)]
+            if s.dtype != "auto":
+                cmd += ["--dtype", s.dtype]
         if s.api_key:
             cmd += ["--api-key", s.api_key]
         if s.skip_warmup:
@@ -146,6 +157,8 @@ class SGLangServer:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         # The trainer's PYTHONPATH would put its transformers (5.23) ahead of the server's pinned 5.3.0.
         env.pop("PYTHONPATH", None)
+        if not self.spec.cache_vision_embeddings:
+            env["SGLANG_VLM_CACHE_SIZE_MB"] = "0"
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"
             env.setdefault("CUDA_VISIBLE_DEVICES", "")

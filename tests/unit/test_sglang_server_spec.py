@@ -1,0 +1,40 @@
+"""How a server is launched: validated spec, loopback by default, CPU-engine flags and environment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_vr1.config.base import ConfigError
+from megatron_vr1.rollout.sglang_server import SGLangServer, ServerSpec
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    return tmp_path
+
+
+def test_cpu_launch_is_loopback_with_cpu_engine_and_no_stale_vision_cache(model_dir, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    server = SGLangServer(ServerSpec(model_path=str(model_dir), device="cpu", api_key="k", python="/x/python"))
+    cmd = server.command()
+    assert cmd[:3] == ["/x/python", "-m", "sglang.launch_server"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--device") + 1] == "cpu" and cmd[cmd.index("--dtype") + 1] == "float32"
+    assert cmd[cmd.index("--attention-backend") + 1] == "torch_native"
+    assert cmd[cmd.index("--api-key") + 1] == "k" and int(cmd[cmd.index("--port") + 1]) == server.port > 0
+    env = server.environment()
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["SGLANG_VLM_CACHE_SIZE_MB"] == "0"
+    assert "PYTHONPATH" not in env and env["HF_HUB_OFFLINE"] == "1"
+    assert server.endpoint.url == f"http://127.0.0.1:{server.port}" and server.endpoint.api_key == "k"
+    assert not server.alive()
+    server.stop()  # idempotent on a server that never started
+
+
+def test_bad_specs_name_the_field_and_the_fix(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="server.model_path.*config.json"):
+        ServerSpec(model_path=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="server.port"):
+        ServerSpec(model_path=str(model_dir), port=70000)
