@@ -15,6 +15,9 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True
     """Continue from <save_dir>/latest when it exists."""
+    init_from: str = ""
+    """Warm start: load model weights (not optimizer/schedule/RNG) from this checkpoint dir when the run has no
+    checkpoint of its own yet, e.g. the SFT run's <run_dir>/checkpoints. It also becomes the KL reference."""
 
     def __post_init__(self) -> None:
         require(self.save_interval >= 1, "checkpoint.save_interval", self.save_interval, "use >= 1")

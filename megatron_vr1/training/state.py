@@ -77,17 +77,32 @@ def load_or_start(cfg: RunConfig, policy, *, dataset=None, schedule=None, dynami
     """(last completed step, weight version): restored from the save dir's ``latest`` when resuming, else (0, 0)."""
     from megatron_vr1.checkpoint.training_state import load_checkpoint
 
-    if not cfg.checkpoint.resume:
-        return 0, 0
-    info = load_checkpoint(load_dir=_save_dir(cfg), model=policy.model, optimizer=policy.optimizer,
-                           scheduler=policy.scheduler)
+    info = None
+    if cfg.checkpoint.resume:
+        info = load_checkpoint(load_dir=_save_dir(cfg), model=policy.model, optimizer=policy.optimizer,
+                               scheduler=policy.scheduler)
     if info is None:
-        return 0, 0
+        return 0, warm_start(cfg, policy)
     s = info.state
     for obj, key in ((dataset, "data"), (schedule, "reward_schedule"), (dynamic, "dynamic_sampling")):
         if obj is not None and s.get(key) is not None:
             obj.load_state_dict(s[key])
     return info.step, int(s.get("weight_version", info.step))
+
+
+def warm_start(cfg: RunConfig, policy) -> int:
+    """Load ``checkpoint.init_from``'s weights into the policy and the reference; returns the weight version to
+    start at: 1 when the weights changed (the engine, loaded from model.hf_path, must be synced), else 0."""
+    from megatron_vr1.checkpoint.training_state import load_checkpoint
+
+    if not cfg.checkpoint.init_from:
+        return 0
+    for model in (policy.model, policy.reference):
+        if model is not None and load_checkpoint(load_dir=cfg.checkpoint.init_from, model=model,
+                                                 load_rng=False) is None:
+            raise FileNotFoundError(f"checkpoint.init_from={cfg.checkpoint.init_from}: no checkpoint there "
+                                    "(expected a save dir with `latest`, or an iter_ directory)")
+    return 1
 
 
 @torch.no_grad()
