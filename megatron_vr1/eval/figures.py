@@ -54,7 +54,7 @@ def plot_image_grid(items: Sequence[dict[str, Any]], path: str | os.PathLike, *,
     n = max(1, len(items))
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, items):
@@ -70,6 +70,8 @@ def plot_image_grid(items: Sequence[dict[str, Any]], path: str | os.PathLike, *,
                 ax.text(x, y, str(label)[:20], color=color, fontsize=6, va="bottom")
         ax.set_title(str(item.get("title", ""))[:40], fontsize=7)
     fig.suptitle("green: ground truth, red dashed: predictions", fontsize=8)
+    # fixed margins: layout engines warn (and may collapse axes) for small grids with long titles
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.88, wspace=0.08, hspace=0.25)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
