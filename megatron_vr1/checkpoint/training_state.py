@@ -28,6 +28,13 @@ from megatron_vr1.checkpoint.rng import capture_rng_state, restore_rng_state
 
 FORMAT_VERSION = 1
 MODEL_OPTIM = "model_optim"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""For megatron's DistributedOptimizer: the canonical per-parameter layout, loadable at another DP/TP/PP layout
+("dp_reshardable" only reshards DP; the older default "fully_sharded_model_space" fails on megatron-core 0.19
+with "ShardedTensor.flattened_range is not supported"). The non-distributed optimizer ignores it.
+Known gap: on CPU without TE/Apex, megatron-core 0.19.2's DistributedOptimizer saves this format but cannot
+load it into a fresh optimizer (its state_dict() asserts a shared Adam step count that a never-stepped
+optimizer lacks); the non-distributed optimizer round-trips at any layout (tests/distributed)."""
 MAX_STATE_BYTES = 1 << 20
 """Cap on the JSON loop state: it is for counters and positions, not data."""
 
@@ -102,7 +109,8 @@ def _sharded_state(chunks: list, optimizer, *, is_loading: bool) -> dict[str, An
         state[key] = chunk.sharded_state_dict()
         model_state |= state[key]
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                          metadata=dict(OPTIMIZER_METADATA))
     return state
 
 

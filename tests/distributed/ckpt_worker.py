@@ -17,10 +17,10 @@ import random
 import time
 
 
-def moment_fingerprint(optimizer, tp_rank: int, mp_group) -> dict:
+def moment_fingerprint(optimizer, tp_rank: int, mp_group, dp_group=None) -> dict:
     """sha256 of every Adam state tensor (exact comparison in one layout), the global squared norms of
     exp_avg / exp_avg_sq summed over the model-parallel group (comparable across TP/PP layouts: TP-replicated
-    params counted once), and the step counts."""
+    params counted once) and, for the distributed optimizer, over its data-parallel shards; the step counts."""
     import torch
     import torch.distributed as dist
 
@@ -40,6 +40,8 @@ def moment_fingerprint(optimizer, tp_rank: int, mp_group) -> dict:
                 sq[1] += st["exp_avg_sq"].double().pow(2).sum()
     if dist.is_initialized():
         dist.all_reduce(sq, group=mp_group)
+        if dp_group is not None:
+            dist.all_reduce(sq, group=dp_group)
     return {"sha256": digest.hexdigest(), "exp_avg_sq_norm": float(sq[0]), "exp_avg_sq_sq_norm": float(sq[1]),
             "steps": sorted(steps)}
 
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-load-optim", action="store_true")
     ap.add_argument("--hang-at", type=int, default=0)
+    ap.add_argument("--dist-opt", action="store_true", help="megatron's DistributedOptimizer (shards over DP)")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--rng-data", action="store_true", help="draw data offsets from python/numpy/torch RNGs")
     args = ap.parse_args()
@@ -89,11 +92,13 @@ def main() -> None:
     for module in model.modules():  # dropout makes the megatron TP RNG tracker and torch's RNG matter
         if isinstance(module, torch.nn.Dropout):
             module.p = args.dropout
-    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                                                use_distributed_optimizer=args.dist_opt),
                                   module=model)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=1.0),
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=1.0,
+                                                       use_distributed_optimizer=args.dist_opt),
                                        [ddp])
     scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=2,
                                         lr_decay_steps=args.steps, lr_decay_style="cosine", start_wd=0.01,
@@ -103,6 +108,7 @@ def main() -> None:
     from megatron.core import parallel_state
 
     tp_rank, mp_group = state.tp_rank(), parallel_state.get_model_parallel_group()
+    dp_group = parallel_state.get_data_parallel_group() if args.dist_opt else None
     out = args.out
     step, position, info = 0, 0, None
     if args.resume:
@@ -110,7 +116,7 @@ def main() -> None:
                                load_optimizer=not args.no_load_optim)
         step, position = info.step, info.state["sampler_position"]
         with open(os.path.join(out, f"moments_loaded_rank{rank}.json"), "w") as f:
-            json.dump(moment_fingerprint(optimizer, tp_rank, mp_group) | {
+            json.dump(moment_fingerprint(optimizer, tp_rank, mp_group, dp_group) | {
                 "step": info.step, "state": info.state, "rng_restored": info.rng_restored,
                 "saved_layout": info.saved_layout, "lr": optimizer.param_groups[0]["lr"]}, f)
 
@@ -146,7 +152,7 @@ def main() -> None:
                                    "reward_stage": "beginner" if step < 4 else "advanced"},
                             keep_last=args.keep_last)
             with open(os.path.join(out, f"moments_saved_rank{rank}_step{step}.json"), "w") as f:
-                json.dump(moment_fingerprint(optimizer, tp_rank, mp_group), f)
+                json.dump(moment_fingerprint(optimizer, tp_rank, mp_group, dp_group), f)
     metrics.close()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"params": param_digest(model), "position": position,
