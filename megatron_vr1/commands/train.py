@@ -19,17 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start fresh even if one exists")
 
 
-def _engine(cfg):
-    """The rollout engine of rank 0 (only the in-process HF engine is wired into the trainer so far)."""
-    if cfg.rollout.engine != "hf":
-        raise NotImplementedError("rollout.engine=sglang is not wired into `megatron-vr1 train` yet; "
-                                  "use --set rollout.engine=hf (in-process transformers rollout)")
-    from megatron_vr1.rollout.hf_engine import HFEngine
-
-    return HFEngine(cfg.model.hf_path, dtype=cfg.model.dtype, min_pixels=cfg.data.min_pixels,
-                    max_pixels=cfg.data.max_pixels)
-
-
 def train(cfg) -> list[dict]:
     """Initialise the parallel state, build data / policy / engine and run the configured mode."""
     from transformers import AutoTokenizer
@@ -55,10 +44,16 @@ def train(cfg) -> list[dict]:
             return sft_train(cfg, policy, samples, tokenizer=tokenizer, dataset=dataset)
         from megatron_vr1.training.loop import grpo_train
 
-        engine = _engine(cfg) if is_rank0() else None
+        from megatron_vr1.training.engines import build_engine
+
+        export = lambda: policy.export_buckets(cfg.rollout.bucket_mb * (1 << 20))  # noqa: E731
+        engine = build_engine(cfg, export=export) if is_rank0() else None
         eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         try:
+            vision = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                      "<|vision_end|>"])
             return grpo_train(cfg, policy, engine, samples, tokenizer=tokenizer, eos_ids=sorted(set(eos)),
+                              vision_ids=[v for v in vision if v is not None and v != tokenizer.unk_token_id],
                               dataset=dataset)
         finally:
             if engine is not None:
@@ -68,15 +63,17 @@ def train(cfg) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_vr1.checkpoint.layout import CheckpointError
     from megatron_vr1.config import ConfigError, load_recipe
     from megatron_vr1.data.schema import RowError
+    from megatron_vr1.rollout.sglang_server import SGLangNotInstalled
 
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         if args.resume is not None:
             cfg.checkpoint.resume = args.resume
         records = train(cfg)
-    except (ConfigError, RowError, FileNotFoundError, NotImplementedError) as e:
+    except (ConfigError, RowError, FileNotFoundError, CheckpointError, SGLangNotInstalled) as e:
         print(f"megatron-vr1 train: {e}", file=sys.stderr)
         return 2
     if records:

@@ -6,10 +6,20 @@ and ``rollout.hf_engine`` (in-process transformers; the logprob reference and th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from megatron_vr1.types import Completion
+
+IMAGE_PAD = "<|image_pad|>"
+_IMAGE_PAD_RUN = re.compile(r"(?:<\|image_pad\|>)+")
+
+
+def collapse_image_pads(prompt: str) -> str:
+    """One ``<|image_pad|>`` per image. Prompts may arrive expanded (data.prompts.render_prompt writes one pad
+    per vision token, as the trainer tokenises them); both engines' processors expand the placeholder themselves."""
+    return _IMAGE_PAD_RUN.sub(IMAGE_PAD, prompt)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,11 +30,9 @@ from typing import Any
 
 import torch
 
-from megatron_vr1.rollout.engine import GenerationRequest, SamplingParams
+from megatron_vr1.rollout.engine import GenerationRequest, SamplingParams, collapse_image_pads
 from megatron_vr1.types import Completion
 
-IMAGE_PAD = "<|image_pad|>"
-_IMAGE_PAD_RUN = re.compile(r"(?:<\|image_pad\|>)+")
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 """Refuse encoded images above 64 MiB (a 12800*28*28-pixel PNG is ~30 MB)."""
 
@@ -202,9 +200,7 @@ class HFEngine:
     # ---- internals -------------------------------------------------------------------------------------------------
 
     def _encode(self, prompts: list[str], images: list[Any] | None) -> dict[str, torch.Tensor]:
-        # Prompts may come with <|image_pad|> already expanded (data.prompts.render_prompt); the processor
-        # expands it itself, so runs are collapsed to one placeholder per image first.
-        prompts = [_IMAGE_PAD_RUN.sub(IMAGE_PAD, p) for p in prompts]
+        prompts = [collapse_image_pads(p) for p in prompts]
         inputs = self.processor(text=prompts, images=images, padding=True, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "image_grid_thw" in inputs:

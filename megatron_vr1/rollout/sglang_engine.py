@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from megatron_vr1.rollout.engine import GenerationRequest
+from megatron_vr1.rollout.engine import GenerationRequest, collapse_image_pads
 from megatron_vr1.rollout.sglang_http import Endpoint, SGLangHTTPError, is_healthy, parse_weight_version
 from megatron_vr1.rollout.sglang_payloads import GenerateItem, generate_payload
 from megatron_vr1.rollout.sglang_server import SGLangServer
@@ -69,7 +69,7 @@ def expand_requests(requests: Sequence[GenerationRequest]) -> list[GenerateItem]
         seen.add(req.request_id)
         s = req.sampling
         for i in range(s.n):
-            items.append(GenerateItem(rid=f"{req.request_id}-{i}", prompt=req.prompt, image=req.image,
+            items.append(GenerateItem(rid=f"{req.request_id}-{i}", prompt=collapse_image_pads(req.prompt), image=req.image,
                                       temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                                       stop=s.stop, seed=None if s.seed is None else s.seed + i,
                                       return_logprob=req.return_logprob))

@@ -2,8 +2,11 @@
 
 Each row is prompt + completion token ids (right padded). The loss mask covers the completion tokens up to and
 including the first EOS (the released trainer's completion mask); a completion cut at max_new_tokens keeps its
-tokens unless overlong filtering masks it out. Rows left without any loss token are dropped: they carry no
-gradient and would only dilute the per-sequence mean. Rollout logprobs sit at the position of the token they
+tokens unless overlong filtering masks it out. A completion that generated a vision token (``<|image_pad|>``
+and friends, ``vision_ids``) cannot be replayed by the trainer, whose model scatters image features into every
+image-pad position, so it is left out of the loss (transformers raises "image features and image tokens do not
+match" on such rows). Rows left without any loss token are dropped: they carry no gradient and would only dilute
+the per-sequence mean. Rollout logprobs sit at the position of the token they
 score, aligned with ``input_ids``.
 """
 
@@ -51,7 +54,8 @@ def completion_mask_length(token_ids: Sequence[int], eos_ids: Sequence[int]) -> 
 
 
 def build_train_batch(groups: Sequence[RolloutGroup], prompts: Sequence[PreparedPrompt], advantages: torch.Tensor,
-                      *, eos_ids: Sequence[int], overlong_filter: bool = False, pad_id: int = 0) -> TrainBatch | None:
+                      *, eos_ids: Sequence[int], overlong_filter: bool = False, pad_id: int = 0,
+                      vision_ids: Sequence[int] = ()) -> TrainBatch | None:
     """Flatten ``groups`` (advantages laid out group after group) into a TrainBatch; None when no row has a loss
     token. Raises when the engine's prompt ids disagree with ours (training would score a different prompt)."""
     rows = []
@@ -66,6 +70,8 @@ def build_train_batch(groups: Sequence[RolloutGroup], prompts: Sequence[Prepared
                                  "same tokenizer, chat template and min/max pixels for both")
             n_loss = completion_mask_length(c.token_ids, eos_ids)
             if overlong_filter and c.finish_reason == "length":
+                n_loss = 0
+            if vision_ids and any(t in vision_ids for t in c.token_ids[:n_loss]):
                 n_loss = 0
             if n_loss == 0:
                 continue

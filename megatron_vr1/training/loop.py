@@ -51,7 +51,7 @@ def rollout_and_score(engine: RolloutEngine, prompts: list[PreparedPrompt], cfg:
 
 
 def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, samples: Iterator[Sample], *,
-               tokenizer, eos_ids: list[int], dataset=None) -> list[dict]:
+               tokenizer, eos_ids: list[int], vision_ids: list[int] = (), dataset=None) -> list[dict]:
     """Run ``cfg.grpo.train_steps`` GRPO steps (resuming from the checkpoint dir when one exists). ``engine`` and
     ``samples`` are used on rank 0 only. Returns the logged records (rank 0; empty elsewhere)."""
     from megatron_vr1.algorithms.advantages import group_advantages
@@ -82,8 +82,11 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                 batch = build_train_batch(
                     [groups[i] for i in keep], [prompts[i] for i in keep],
                     torch.cat([adv.advantages[i * n:(i + 1) * n] for i in keep]) if keep else torch.zeros(0),
-                    eos_ids=eos_ids, overlong_filter=g.overlong_filter)
+                    eos_ids=eos_ids, overlong_filter=g.overlong_filter, vision_ids=vision_ids)
                 scalars = reward_scalars(rewards, groups, adv, version)
+                scalars["rollout/vision_token_frac"] = sum(  # completions kept out of the loss (see batch.py)
+                    any(t in vision_ids for t in c.token_ids) for grp in groups for c in grp.completions
+                ) / max(1, len(rewards))
                 scalars["rollout/time_s"] = time.time() - t0
             batch = broadcast_object(batch)
             if batch is not None:

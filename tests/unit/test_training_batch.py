@@ -59,6 +59,15 @@ def test_overlong_filter_drops_truncated_rows_and_all_empty_is_none():
     assert build_train_batch(empty, [_prep()], torch.tensor([1.0]), eos_ids=[EOS], overlong_filter=True) is None
 
 
+def test_completions_with_generated_vision_tokens_stay_out_of_the_loss():
+    image_pad = 12  # a vision token generated inside the answer cannot be replayed by the trainer's model
+    groups = [RolloutGroup(sample=_sample(), completions=(_comp([7, image_pad, EOS]), _comp([4, EOS]),
+                                                          _comp([5, EOS, image_pad])))]
+    batch = build_train_batch(groups, [_prep()], torch.tensor([1.0, -1.0, 0.5]), eos_ids=[EOS], vision_ids=[image_pad])
+    assert batch.advantages.tolist() == [-1.0, 0.5]  # after the EOS it is outside the loss span: row kept
+    assert image_pad not in batch.input_ids.tolist()[0] and image_pad not in batch.input_ids.tolist()[1]
+
+
 def test_engine_prompt_ids_must_match_and_advantage_count_checked():
     groups = [RolloutGroup(sample=_sample(), completions=(_comp([4, EOS], prompt_ids=[1, 2]),))]
     with pytest.raises(ValueError, match="tokenized the prompt"):

@@ -1,0 +1,99 @@
+"""The trainer's rollout engine: the in-process transformers engine, or SGLang servers (launched here or
+attached by URL) kept in sync with the policy through one WeightSyncer.
+
+Every weight push goes through the exporter (``Policy.export_buckets``) whatever the transport, and carries a
+monotonically increasing ``weight_version`` that the syncer verifies on every server. A server that crashes is
+restarted by the SGLang engine, which then calls the syncer's ``resync``; that re-exports the current weights
+(possible in a world of one process, where the export needs no other rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_vr1.config.run import RunConfig
+from megatron_vr1.rollout.engine import RolloutEngine
+
+
+class SGLangRollout:
+    """The RolloutEngine the loop drives: an ``SGLangEngine`` plus the ``WeightSyncer`` that updates it."""
+
+    def __init__(self, engine, syncer, reexport: Callable[[], Iterable] | None):
+        self.engine, self.syncer, self._reexport = engine, syncer, reexport
+
+    @property
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def generate(self, requests):
+        return self.engine.generate(requests)
+
+    def update_weights_from_buckets(self, buckets: Iterable, version: int) -> int:
+        """Push ``buckets`` (from the exporter) as ``version``; returns the number of tensors sent."""
+        first = [buckets]
+
+        def source():
+            if first:  # this sync: the buckets the loop already exported
+                return first.pop()
+            if self._reexport is None:  # a later resync of a restarted server
+                raise RuntimeError("a restarted rollout server must be re-synced with every trainer rank; "
+                                   "restart the job with --resume")
+            return self._reexport()
+
+        report = self.syncer.sync(source, version)
+        return report.stats.tensors
+
+    def close(self) -> None:
+        try:
+            self.syncer.close()
+        finally:
+            self.engine.close()
+
+
+def _transport(cfg: RunConfig, device: str):
+    from megatron_vr1.weight_sync.disk import DiskTransport
+    from megatron_vr1.weight_sync.distributed import DistributedTransport
+    from megatron_vr1.weight_sync.tensor import TensorTransport
+
+    kind = cfg.rollout.sync_transport
+    if kind == "tensor":
+        return TensorTransport(device=device)
+    if kind == "distributed":
+        return DistributedTransport(device=device, timeout_s=cfg.rollout.request_timeout_s)
+    return DiskTransport(root=Path(cfg.log.run_dir) / "weights", base_model_dir=cfg.model.hf_path)
+
+
+def build_engine(cfg: RunConfig, *, export: Callable[[], Iterable]) -> RolloutEngine:
+    """Rank 0's rollout engine for ``cfg.rollout.engine``; ``export`` re-exports the policy's weight buckets."""
+    if cfg.rollout.engine == "hf":
+        from megatron_vr1.rollout.hf_engine import HFEngine
+
+        return HFEngine(cfg.model.hf_path, dtype=cfg.model.dtype, min_pixels=cfg.data.min_pixels,
+                        max_pixels=cfg.data.max_pixels)
+    from megatron_vr1.rollout.sglang_engine import SGLangEngine, image_pad_id_of
+    from megatron_vr1.rollout.sglang_http import Endpoint
+    from megatron_vr1.rollout.sglang_server import SGLangServer, ServerSpec
+    from megatron_vr1.weight_sync.syncer import WeightSyncer
+
+    r = cfg.rollout
+    if r.server_urls:
+        targets = [Endpoint(url=url, api_key=r.api_key) for url in r.server_urls]
+    else:
+        server = SGLangServer(ServerSpec(model_path=cfg.model.hf_path, host=r.host, port=r.port, api_key=r.api_key,
+                                         log_dir=str(Path(cfg.log.run_dir) / "sglang")))
+        server.start()
+        targets = [server]
+    engine = SGLangEngine(targets, image_pad_id=image_pad_id_of(cfg.model.hf_path),
+                          request_timeout_s=r.request_timeout_s)
+    try:
+        device = "cuda" if any(getattr(t, "spec", None) and t.spec.resolved_device() == "cuda" for t in targets) \
+            else "cpu"
+        syncer = WeightSyncer(engine.endpoints, _transport(cfg, device), device=device, engine=engine)
+    except BaseException:
+        engine.close()
+        raise
+    single = not dist.is_initialized() or dist.get_world_size() == 1
+    return SGLangRollout(engine, syncer, export if single else None)
