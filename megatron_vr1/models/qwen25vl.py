@@ -110,9 +110,24 @@ class Qwen25VLModel(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> ShardedStateDict:
-        """``visual.*`` as ShardedTensors replicated over TP and DP; ``language_model.*`` as megatron shards it."""
+        """``visual.*`` as ShardedTensors replicated over TP and DP; ``language_model.*`` as megatron shards it.
+
+        ``sharded_state_dict_default`` gives a plain module's tensors replica id 0 on every rank, i.e. every rank
+        claims to hold the main copy, which dist_checkpointing rejects ("Invalid access pattern") as soon as TP or
+        DP > 1. Only TP rank 0 of DP rank 0 holds the main copy of the replicated vision tower.
+        """
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
         out = {}
         if self.visual is not None:
-            out.update(sharded_state_dict_default(self.visual, f"{prefix}visual.", sharded_offsets, metadata))
+            visual = sharded_state_dict_default(self.visual, f"{prefix}visual.", sharded_offsets, metadata)
+            if parallel_state.model_parallel_is_initialized():
+                replica = (0, parallel_state.get_tensor_model_parallel_rank(),
+                           parallel_state.get_data_parallel_rank(with_context_parallel=True))
+                for t in visual.values():
+                    if isinstance(t, ShardedTensor):
+                        t.replica_id = replica
+            out.update(visual)
         out.update(self.language_model.sharded_state_dict(f"{prefix}language_model.", sharded_offsets, metadata))
         return out

@@ -71,3 +71,25 @@ def test_failing_job_is_seen(cluster, tmp_path):
 def test_bad_knob_fails_at_once(cluster, tmp_path):
     rc, out = sbatch(cluster, SLURM / "convert.sbatch", tmp_path, {"DIRECTION": "sideways"})
     assert rc == 2 and "DIRECTION must be" in out
+
+
+def test_train_job_on_two_nodes(cluster, tiny_hf, tmp_path):
+    """train_vision_r1.sbatch unchanged, on a 2-node allocation: srun starts one torchrun per node, they meet at
+    the first node, and a TP=2 GRPO step runs with one rank per node (rollout on rank 0, in-process engine)."""
+    from megatron_vr1.data.synth import build_synth
+
+    data = build_synth(tmp_path / "data", n=8, seed=0, difficulty="demo", n_val=2)
+    run_dir = tmp_path / "run"
+    sets = " ".join([f"model.hf_path={tiny_hf}", f"data.train_path={data['train']}", "rollout.engine=hf",
+                     "parallel.tensor_parallel=2", "grpo.train_steps=1", "grpo.num_generations=2",
+                     "grpo.prompts_per_step=2", "rollout.max_new_tokens=8", "log.progress=false"])
+    rc, out = sbatch(cluster, SLURM / "train_vision_r1.sbatch", tmp_path,
+                     {"RECIPE": "tiny_cpu_demo", "SETS": sets, "RUN_DIR": str(run_dir), "GPUS_PER_NODE": "1"},
+                     "--nodes=2", "--time=00:20:00")
+    assert rc == 0, out[-6000:]
+    assert "2 training node(s) x 1 ranks" in out
+    from megatron_vr1.training.metrics import read_metrics
+
+    (record,) = read_metrics(run_dir)
+    assert record["step"] == 1 and record["weight_version"] == 1
+    assert (run_dir / "checkpoints" / "latest").exists()  # where a requeued job resumes from
