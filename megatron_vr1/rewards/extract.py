@@ -11,8 +11,10 @@ item-by-item path.
 from __future__ import annotations
 
 import re
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain, repeat
 
 import numpy as np
 
@@ -91,6 +93,32 @@ def _numeric(boxes: list) -> np.ndarray | None:
     return a
 
 
+def _int_boxes(boxes: list) -> np.ndarray | None:
+    """The common case of ``_numeric``: every box a list of 4 JSON integers. One C-level pass, no nested
+    np.array dtype discovery; None where anything else (floats, strings, wrong lengths) shows up."""
+    if not boxes:
+        return np.zeros((0, 4))
+    try:
+        if set(map(len, boxes)) != {4}:
+            return None
+        # array('q') takes ints (and bools, as int() does) and refuses floats, strings, lists and > int64.
+        a = np.frombuffer(array("q", chain.from_iterable(boxes)), dtype=np.int64)
+    except (TypeError, OverflowError, ValueError):
+        return None
+    if not (np.abs(a) < _FAST_LIMIT).all():
+        return None
+    return a.astype(np.float64).reshape(-1, 4)
+
+
+def _item_fields(items: list) -> tuple[list, list] | None:
+    """``bbox_2d`` and ``label`` of every item of the batch's JSON lists, via C-level map over dict.get;
+    None if some item is not a dict (those answers then take the per-item comprehension)."""
+    try:
+        return list(map(dict.get, items, repeat("bbox_2d"))), list(map(dict.get, items, repeat("label")))
+    except TypeError:
+        return None
+
+
 def _slow_items(obj: object, truncate: bool) -> tuple[np.ndarray, list]:
     boxes, labels = _items_to_boxes(obj, truncate)
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), labels
@@ -109,8 +137,9 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
     stripped_all: list[str] = [""] * b
     objs: list[object] = [_FAILED] * b
     bodies: list[str] = [""] * b
-    item_boxes: list[list] = [[] for _ in range(b)]
-    item_labels: list[list] = [[] for _ in range(b)]
+    list_answers: list[int] = []  # completions whose JSON value is a list, and their items, flattened
+    list_items: list = []
+    list_sizes: list[int] = []
     for i, (text, t) in enumerate(zip(completions, targets, strict=True)):
         if type(text) is not str or len(text) > rules.max_completion_chars:
             continue  # unparsable: no boxes, format 0
@@ -125,9 +154,9 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
             body, obj = release_parse_json(stripped)
         stripped_all[i], objs[i], bodies[i] = stripped, obj, body
         if type(obj) is list:
-            pairs = [(it.get("bbox_2d"), it.get("label")) for it in obj if type(it) is dict]
-            item_boxes[i] = [p[0] for p in pairs]
-            item_labels[i] = [p[1] for p in pairs]
+            list_answers.append(i)
+            list_items.extend(obj)
+            list_sizes.append(len(obj))
         if strict:
             bx, by = (t.input_width, t.input_height) if absolute else (1000, 1000)
             format_list[i] = strict_format(stripped, obj, bx, by)
@@ -144,18 +173,34 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
     format_ok = np.array(format_list, dtype=bool)
     fmt_pending = np.array(pending_list, dtype=bool)
 
-    # One np.array for the whole batch; if some answer is irregular, convert answer by answer and send the
-    # irregular ones down the exact item-by-item path.
-    counts = np.fromiter((len(x) for x in item_boxes), dtype=np.int64, count=b)
-    flat = _numeric([bb for x in item_boxes for bb in x])
+    # The fields of every item at once; boxes of the whole batch in one conversion. If some answer is
+    # irregular, convert answer by answer and send the irregular ones down the exact item-by-item path.
+    counts = np.zeros(b, dtype=np.int64)
+    fields = _item_fields(list_items)
+    if fields is not None:
+        all_boxes, all_labels = fields
+        counts[list_answers] = list_sizes
+        flat = _int_boxes(all_boxes)
+        if flat is None:
+            flat = _numeric(all_boxes)
+    else:
+        all_boxes, all_labels, flat = [], [], None
+        for i in list_answers:
+            pairs = [(it.get("bbox_2d"), it.get("label")) for it in objs[i] if type(it) is dict]
+            all_boxes.extend(p[0] for p in pairs)
+            all_labels.extend(p[1] for p in pairs)
+            counts[i] = len(pairs)
     if flat is not None:
         good = np.ones(b, dtype=bool)
+        labels = all_labels
     else:
-        per = [_numeric(x) for x in item_boxes]
+        ends = np.cumsum(counts).tolist()
+        starts = [e - n for e, n in zip(ends, counts.tolist())]
+        per = [_numeric(all_boxes[s:e]) for s, e in zip(starts, ends)]
         good = np.fromiter((a is not None for a in per), dtype=bool, count=b)
         flat = np.concatenate([a for a in per if a is not None] or [np.zeros((0, 4))])
+        labels = [lb for i in np.nonzero(good)[0].tolist() for lb in all_labels[starts[i]:ends[i]]]
     owner = np.repeat(np.arange(b)[good], counts[good])
-    labels = [lb for i in np.nonzero(good)[0].tolist() for lb in item_labels[i]]
     if truncate:
         flat = np.trunc(flat)
     keep = (flat[:, 0] < flat[:, 2]) & (flat[:, 1] < flat[:, 3])

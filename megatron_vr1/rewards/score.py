@@ -17,7 +17,10 @@ box on an image without objects is a false positive. With no boxes, recall = pre
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import fields
+from itertools import repeat
 
 import numpy as np
 
@@ -33,16 +36,37 @@ MAX_ABS_COORD = 1e9
 """Predicted coordinates beyond this (model space) are dropped: they only produce inf/NaN geometry."""
 
 
-def _class_ids(labels: list, kept: np.ndarray, targets: Sequence[RewardTarget]) -> list[int]:
-    """Class id of each predicted label (released: stripped, lower-cased; unknown or non-string -> 0)."""
-    ids: list[int] = []
-    off = 0
-    for i, n in enumerate(kept.tolist()):
-        if n:
-            get = targets[i].target_id_maps.get
-            ids.extend([get(lb.strip().lower(), 0) if type(lb) is str else 0 for lb in labels[off:off + n]])
-            off += n
-    return ids
+def _class_ids(labels: list, owner: np.ndarray, targets: Sequence[RewardTarget]) -> np.ndarray:
+    """Class id of each predicted label (released: stripped, lower-cased; unknown or non-string -> 0).
+
+    A batch has few distinct labels and few distinct id maps (one per query, usually shared): look each
+    (map, label) pair up once, then index a [maps, labels] table instead of a dict lookup per box.
+    """
+    if not labels:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        codes = dict.fromkeys(labels)
+    except TypeError:  # a JSON list or object as label: unhashable, and class 0 anyway
+        labels = [lb if type(lb) is str else None for lb in labels]
+        codes = dict.fromkeys(labels)
+    uniq = list(codes)
+    for j, lb in enumerate(uniq):
+        codes[lb] = j
+    code = np.fromiter(map(codes.__getitem__, labels), dtype=np.int64, count=len(labels))
+    distinct: list = []
+    map_of: list[int] = []
+    for t in targets:
+        m = t.target_id_maps
+        for k, d in enumerate(distinct):
+            if d is m or d == m:
+                map_of.append(k)
+                break
+        else:
+            map_of.append(len(distinct))
+            distinct.append(m)
+    keys = [lb.strip().lower() if type(lb) is str else None for lb in uniq]
+    table = np.array([[m.get(k, 0) if k is not None else 0 for k in keys] for m in distinct], dtype=np.int64)
+    return table[np.asarray(map_of, dtype=np.int64)[owner], code]
 
 
 def _band(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, inclusive: bool) -> np.ndarray:
@@ -101,24 +125,24 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     ex = extract_batch(completions, targets, rules)
 
     # ---- flat predictions, grouped by completion in answer order; cap each completion's count ----------
-    boxes, owner, labels = ex.boxes, ex.owner, ex.labels
+    boxes, owner = ex.boxes, ex.owner
+    if rules.matching_cost == "released":
+        cls = _class_ids(ex.labels, owner, targets)
+    else:
+        cls = np.zeros(len(owner), dtype=np.int64)
     if len(owner) > 1 and not (np.diff(owner) >= 0).all():
         order = np.argsort(owner, kind="stable")
-        boxes, owner, labels = boxes[order], owner[order], [labels[j] for j in order.tolist()]
+        boxes, owner, cls = boxes[order], owner[order], cls[order]
     n_parsed = ex.n_parsed
     if n_parsed.max() > rules.max_predictions:
         _, pos = _positions(n_parsed)
         keep = pos < rules.max_predictions
-        boxes, owner, labels = boxes[keep], owner[keep], [lb for lb, k in zip(labels, keep.tolist()) if k]
+        boxes, owner, cls = boxes[keep], owner[keep], cls[keep]
     finite = (np.abs(boxes) <= MAX_ABS_COORD).all(axis=1)
     if not finite.all():
-        boxes, owner, labels = boxes[finite], owner[finite], [lb for lb, k in zip(labels, finite.tolist()) if k]
+        boxes, owner, cls = boxes[finite], owner[finite], cls[finite]
     kept = np.bincount(owner, minlength=b)
     bidx = owner
-    if rules.matching_cost == "released":
-        cls = np.asarray(_class_ids(labels, kept, targets), dtype=np.int64)
-    else:
-        cls = np.zeros(len(owner), dtype=np.int64)
 
     # ---- rescale model coordinates to original-image pixels: x / input_width * width (release order) ----
     meta = np.array([t.meta for t in targets], dtype=np.float64).reshape(b, 6)
@@ -188,8 +212,20 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     mean_ov = (val * matched).sum(axis=1) / np.maximum(n_matched, 1)
     n_tp = ((val >= tp_thr) & matched).sum(axis=1)
 
-    cols = zip(fmt.tolist(), recall.tolist(), precision.tolist(), total.tolist(), n_parsed.tolist(),
-               n_gt.tolist(), n_matched.tolist(), mean_ov.tolist(), n_tp.tolist(), stage_names, ex.status)
-    return [RewardBreakdown(format=f, recall=r, precision=pr, total=tot, parse_status=st, n_pred=npd,
-                            n_gt=ng, n_matched=nm, mean_iou=mi, n_tp=nt, stage=sn)
-            for f, r, pr, tot, npd, ng, nm, mi, nt, sn, st in cols]
+    return _records(b, format=fmt.tolist(), recall=recall.tolist(), precision=precision.tolist(),
+                    total=total.tolist(), parse_status=ex.status, n_pred=n_parsed.tolist(), n_gt=n_gt.tolist(),
+                    n_matched=n_matched.tolist(), mean_iou=mean_ov.tolist(), n_tp=n_tp.tolist(), stage=stage_names)
+
+
+_RECORD_SETTERS = {f.name: getattr(RewardBreakdown, f.name).__set__ for f in fields(RewardBreakdown)}
+
+
+def _records(b: int, **columns: list) -> list[RewardBreakdown]:
+    """``b`` RewardBreakdowns from one list per field, filled column by column through the slot
+    descriptors: the frozen dataclass __init__ (one object.__setattr__ per field) was ~7% of a batch."""
+    if columns.keys() != _RECORD_SETTERS.keys():
+        raise TypeError(f"_records: fields {sorted(columns)} != {sorted(_RECORD_SETTERS)}")
+    out = list(map(object.__new__, repeat(RewardBreakdown, b)))
+    for name, values in columns.items():
+        deque(map(_RECORD_SETTERS[name], out, values), maxlen=0)
+    return out
