@@ -102,7 +102,7 @@ def _int_boxes(boxes: list) -> np.ndarray | None:
         if set(map(len, boxes)) != {4}:
             return None
         # array('q') takes ints (and bools, as int() does) and refuses floats, strings, lists and > int64.
-        a = np.frombuffer(array("q", chain.from_iterable(boxes)), dtype=np.int64)
+        a = np.frombuffer(array("q", list(chain.from_iterable(boxes))), dtype=np.int64)  # from a list: faster
     except (TypeError, OverflowError, ValueError):
         return None
     if not (np.abs(a) < _FAST_LIMIT).all():

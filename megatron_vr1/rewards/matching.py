@@ -38,13 +38,13 @@ def match_batch(cost: np.ndarray, n_pred: np.ndarray, n_gt: np.ndarray) -> tuple
     many = np.nonzero(active & (n_pred > 1) & (n_gt > 1))[0].tolist()
     if many:
         sizes_p, sizes_g = n_pred.tolist(), n_gt.tolist()
-        owners, rows_all, cols_all = [], [], []
+        rows_all, cols_all = [], []
         for i in many:
             rows, cols = linear_sum_assignment(cost[i, : sizes_p[i], : sizes_g[i]])
-            owners.append(np.full(len(cols), i))
             rows_all.append(rows)
             cols_all.append(cols)
-        bi, ci = np.concatenate(owners), np.concatenate(cols_all)
+        bi = np.repeat(many, [min(sizes_p[i], sizes_g[i]) for i in many])
+        ci = np.concatenate(cols_all)
         matched[bi, ci] = True
         pred_of_gt[bi, ci] = np.concatenate(rows_all)
     return matched, pred_of_gt

@@ -125,50 +125,51 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     ex = extract_batch(completions, targets, rules)
 
     # ---- flat predictions, grouped by completion in answer order; cap each completion's count ----------
-    boxes, owner = ex.boxes, ex.owner
-    if rules.matching_cost == "released":
-        cls = _class_ids(ex.labels, owner, targets)
-    else:
-        cls = np.zeros(len(owner), dtype=np.int64)
+    # One [N, 5] array (x1, y1, x2, y2, class id; ids are small ints, exact in float64): every filter,
+    # sort and pad below is one operation instead of one per field.
+    owner = ex.owner
+    rows = np.empty((len(owner), 5))
+    rows[:, :4] = ex.boxes
+    rows[:, 4] = _class_ids(ex.labels, owner, targets) if rules.matching_cost == "released" else 0.0
     if len(owner) > 1 and not (np.diff(owner) >= 0).all():
         order = np.argsort(owner, kind="stable")
-        boxes, owner, cls = boxes[order], owner[order], cls[order]
+        rows, owner = rows[order], owner[order]
     n_parsed = ex.n_parsed
     if n_parsed.max() > rules.max_predictions:
         _, pos = _positions(n_parsed)
         keep = pos < rules.max_predictions
-        boxes, owner, cls = boxes[keep], owner[keep], cls[keep]
-    finite = (np.abs(boxes) <= MAX_ABS_COORD).all(axis=1)
+        rows, owner = rows[keep], owner[keep]
+    finite = (np.abs(rows[:, :4]) <= MAX_ABS_COORD).all(axis=1)
     if not finite.all():
-        boxes, owner, cls = boxes[finite], owner[finite], cls[finite]
+        rows, owner = rows[finite], owner[finite]
     kept = np.bincount(owner, minlength=b)
     bidx = owner
 
     # ---- rescale model coordinates to original-image pixels: x / input_width * width (release order) ----
     meta = np.array([t.meta for t in targets], dtype=np.float64).reshape(b, 6)
-    w, h, n_inst = meta[:, 0], meta[:, 1], meta[:, 5]
+    n_inst = meta[:, 5]
     n_gt = meta[:, 4].astype(np.int64)
     if rules.output_format == "griffon_text":
-        dx, dy = np.ones(b), np.ones(b)
+        div = np.ones((b, 4))
     elif rules.coordinates == "absolute":
-        dx, dy = meta[:, 2], meta[:, 3]
+        div = meta[:, [2, 3, 2, 3]]
     else:
-        dx, dy = np.full(b, 1000.0), np.full(b, 1000.0)
-    boxes[:, 0::2] = boxes[:, 0::2] / dx[bidx, None] * w[bidx, None]
-    boxes[:, 1::2] = boxes[:, 1::2] / dy[bidx, None] * h[bidx, None]
+        div = np.full((b, 4), 1000.0)
+    rows[:, :4] = rows[:, :4] / div[bidx] * meta[bidx][:, [0, 1, 0, 1]]
 
     # Canonical order inside each sample: the result must not depend on the order of the predictions.
-    order = np.lexsort((cls, boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], bidx))
-    boxes, cls = boxes[order], cls[order]
+    order = np.lexsort((rows[:, 4], rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0], bidx))
     bidx, pos = _positions(kept)
     p_max = int(kept.max()) if b else 0
-    pred = _pad(boxes, bidx, pos, b, p_max)
-    pred_cls = _pad(cls, bidx, pos, b, p_max, fill=-1)
+    pred_rows = _pad(rows[order], bidx, pos, b, p_max)
+    pred, pred_cls = pred_rows[:, :, :4], pred_rows[:, :, 4]  # padding rows are never read (masked)
 
     gbidx, gpos = _positions(n_gt)
     g_max = int(n_gt.max())
-    gt = _pad(np.concatenate([t.gt_boxes for t in targets]), gbidx, gpos, b, g_max)
-    gt_cls = _pad(np.concatenate([t.gt_class_ids for t in targets]), gbidx, gpos, b, g_max, fill=-2)
+    gt_rows = _pad(np.concatenate([t.gt_rows if t.gt_rows is not None else
+                                   np.column_stack((t.gt_boxes, t.gt_class_ids.astype(np.float64)))
+                                   for t in targets]), gbidx, gpos, b, g_max)
+    gt, gt_cls = gt_rows[:, :, :4], gt_rows[:, :, 4]
 
     # ---- geometry, box-prioritized matching ----------------------------------------------------------
     iou, giou = pairwise_iou_giou(pred, gt)

@@ -46,6 +46,8 @@ class RewardTarget:
     gt_labels: tuple[str, ...] = field(default=())
     meta: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
     """(width, height, input_width, input_height, n_gt, num_instances): one np.array call per batch."""
+    gt_rows: np.ndarray | None = None
+    """[G, 5] float64: the boxes and the class id, built once so that a batch pads one array per side."""
 
     @property
     def n_gt(self) -> int:
@@ -103,7 +105,7 @@ def make_target(*, solution: list | tuple, width: Any, height: Any, input_width:
     ids = np.asarray([id_map[lb.lower()] for lb in labels], dtype=np.int64)
     return RewardTarget(gt_boxes=gt, gt_class_ids=ids, width=width, height=height, input_width=input_width,
                         input_height=input_height, num_instances=num_instances, target_id_maps=id_map,
-                        gt_labels=tuple(labels),
+                        gt_labels=tuple(labels), gt_rows=np.column_stack((gt, ids.astype(np.float64))),
                         meta=(width, height, input_width, input_height, len(boxes), num_instances))
 
 
