@@ -177,10 +177,12 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
     # irregular, convert answer by answer and send the irregular ones down the exact item-by-item path.
     counts = np.zeros(b, dtype=np.int64)
     fields = _item_fields(list_items)
+    integral = False  # integer coordinates need no int() truncation
     if fields is not None:
         all_boxes, all_labels = fields
         counts[list_answers] = list_sizes
         flat = _int_boxes(all_boxes)
+        integral = flat is not None
         if flat is None:
             flat = _numeric(all_boxes)
     else:
@@ -201,7 +203,7 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
         flat = np.concatenate([a for a in per if a is not None] or [np.zeros((0, 4))])
         labels = [lb for i in np.nonzero(good)[0].tolist() for lb in all_labels[starts[i]:ends[i]]]
     owner = np.repeat(np.arange(b)[good], counts[good])
-    if truncate:
+    if truncate and not integral:
         flat = np.trunc(flat)
     keep = (flat[:, 0] < flat[:, 2]) & (flat[:, 1] < flat[:, 3])
     if not keep.all():

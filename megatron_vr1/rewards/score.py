@@ -17,10 +17,11 @@ box on an image without objects is a false positive. With no boxes, recall = pre
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import fields
-from itertools import repeat
+from itertools import chain, repeat
 
 import numpy as np
 
@@ -160,7 +161,8 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     bidx = owner
 
     # ---- rescale model coordinates to original-image pixels: x / input_width * width (release order) ----
-    meta = np.array([t.meta for t in targets], dtype=np.float64).reshape(b, 6)
+    meta = np.frombuffer(array("d", list(chain.from_iterable([t.meta for t in targets]))), dtype=np.float64)
+    meta = meta.reshape(b, 6)
     n_inst = meta[:, 5]
     n_gt = meta[:, 4].astype(np.int64)
     if rules.output_format == "griffon_text":
