@@ -13,7 +13,7 @@ import torch
 from megatron_vr1.convert.arch import arch_from_config
 from megatron_vr1.convert.errors import ConversionError
 from megatron_vr1.convert.exporter import unwrap
-from megatron_vr1.convert.mapping import Table, check_hf_shape, to_mcore
+from megatron_vr1.convert.mapping import Table, check_hf_shape, mcore_shape, to_mcore, to_mcore_into
 from megatron_vr1.convert.names import EMBEDDING, LM_PREFIX, canonical_mcore_name, with_layer_index
 from megatron_vr1.convert.safetensors_io import SafetensorsReader
 from megatron_vr1.convert.tp import shard
@@ -65,18 +65,23 @@ def load_hf_weights(model: torch.nn.Module, reader: SafetensorsReader, hf_config
                                       f"{name}); the checkpoint is incomplete or does not match the config")
             tensors = []
             for n in entry.hf:
-                t = reader.get(n)
+                t = reader.view(n)  # no copy: the one copy is into the parameter
                 check_hf_shape(n, t, arch, where=f"{reader.dir}: ")
                 nbytes += t.numel() * t.element_size()
                 tensors.append(t)
             used.update(entry.hf)
             padded = param.shape[0] * tp if entry.transform == "vocab" else arch.vocab_size
-            local = shard(to_mcore(entry, tensors, arch, padded), entry.tp, tp, tp_rank, name)
-            if tuple(local.shape) != tuple(param.shape):
-                raise ConversionError(f"{name}: the HF weights give a shard of shape {tuple(local.shape)} but the "
-                                      f"model "
+            unsplit = tp == 1 or entry.tp == "replicated"
+            shape = mcore_shape(entry, tensors, padded) if unsplit else None
+            local = None if unsplit else shard(to_mcore(entry, tensors, arch, padded), entry.tp, tp, tp_rank, name)
+            shape = shape if unsplit else tuple(local.shape)
+            if tuple(shape) != tuple(param.shape):
+                raise ConversionError(f"{name}: the HF weights give a shard of shape {tuple(shape)} but the model "
                                       f"has {tuple(param.shape)}; the config does not match the weights")
-            param.copy_(local)
+            if unsplit:  # the whole Megatron tensor: fuse straight into the parameter
+                to_mcore_into(entry, tensors, arch, param)
+            else:
+                param.copy_(local)
             del tensors, local
     if pp == 1:
         extra = sorted(present - used - ({"lm_head.weight"} if arch.tie_word_embeddings else set()))

@@ -27,11 +27,14 @@ class ConvertReport:
     peak_rss_bytes: int
     padded_vocab: int
     dtype: str
+    fsync_seconds: float = 0.0
+    """Part of ``seconds``: fsync of the written files before the atomic rename (disk-bound; 0 when not done)."""
 
     def summary(self) -> str:
         gb = self.bytes_read / 1e9
         return (f"{gb:.3f} GB in {self.seconds:.2f} s ({gb / max(self.seconds, 1e-9):.2f} GB/s), peak RSS "
-                f"{self.peak_rss_bytes / 2**30:.2f} GiB, dtype {self.dtype}, padded vocab {self.padded_vocab}")
+                f"{self.peak_rss_bytes / 2**30:.2f} GiB, dtype {self.dtype}, padded vocab {self.padded_vocab}"
+                + (f", of which fsync {self.fsync_seconds:.2f} s" if self.fsync_seconds else ""))
 
 
 def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
@@ -48,8 +51,10 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1,
     start = time.perf_counter()
     nbytes = load_hf_weights(model, reader, config)
     reader.close()
+    timings: dict[str, float] = {}
     save_checkpoint(model, out_dir, {"source": str(hf_dir), "padded_vocab": padded, "tp": tp, "pp": pp,
-                                     "dtype": dtype, "format": "torch_dist"})
-    report = ConvertReport(time.perf_counter() - start, nbytes, peak_rss_bytes(), padded, dtype)
+                                     "dtype": dtype, "format": "torch_dist"}, timings)
+    report = ConvertReport(time.perf_counter() - start, nbytes, peak_rss_bytes(), padded, dtype,
+                           timings.get("fsync_seconds", 0.0))
     (Path(out_dir) / "convert_report.json").write_text(json.dumps(asdict(report), indent=2))
     return report

@@ -51,6 +51,45 @@ def to_mcore(entry: Entry, hf_tensors: list[torch.Tensor], arch: LMArch, padded_
     raise ConversionError(f"{entry.mcore}: unknown transform {entry.transform!r}")
 
 
+def mcore_shape(entry: Entry, hf_tensors: list[torch.Tensor], padded_vocab: int) -> tuple[int, ...]:
+    """The shape :func:`to_mcore` gives for ``hf_tensors``, without building the tensor."""
+    rest = tuple(hf_tensors[0].shape[1:])
+    if entry.transform in ("qkv", "gate_up"):
+        return (sum(t.shape[0] for t in hf_tensors), *rest)
+    if entry.transform == "vocab":
+        return (max(padded_vocab, hf_tensors[0].shape[0]), *rest)
+    return tuple(hf_tensors[0].shape)
+
+
+def to_mcore_into(entry: Entry, hf_tensors: list[torch.Tensor], arch: LMArch, out: torch.Tensor) -> None:
+    """Write :func:`to_mcore` of ``hf_tensors`` into ``out`` (a full Megatron tensor, e.g. a TP=1 parameter)
+    with one copy per HF tensor and no intermediate tensor: on a 1 GB model the fused temporaries of
+    ``to_mcore`` cost as much as the copy itself. ``out`` must have :func:`mcore_shape`'s shape."""
+    if entry.transform == "copy":
+        out.copy_(hf_tensors[0])
+    elif entry.transform == "qkv":
+        q, k, v = hf_tensors
+        rest, hd, kv = tuple(q.shape[1:]), arch.head_dim, arch.num_kv_heads
+        rows = q.shape[0] // kv
+        groups = out.view(kv, rows + 2 * hd, *rest)  # the per-group layout of transforms.fuse_qkv
+        groups[:, :rows].copy_(q.view(kv, rows, *rest))
+        groups[:, rows:rows + hd].copy_(k.view(kv, hd, *rest))
+        groups[:, rows + hd:].copy_(v.view(kv, hd, *rest))
+    elif entry.transform == "gate_up":
+        gate, up = hf_tensors
+        out[:gate.shape[0]].copy_(gate)
+        out[gate.shape[0]:].copy_(up)
+    elif entry.transform == "vocab":
+        t = hf_tensors[0]
+        if t.shape[0] > out.shape[0]:
+            raise ConversionError(f"{entry.mcore}: vocabulary of {t.shape[0]} rows is larger than the padded size "
+                                  f"{out.shape[0]}")
+        out[:t.shape[0]].copy_(t)
+        out[t.shape[0]:].zero_()
+    else:
+        raise ConversionError(f"{entry.mcore}: unknown transform {entry.transform!r}")
+
+
 def to_hf(entry: Entry, full: torch.Tensor, arch: LMArch) -> list[tuple[str, torch.Tensor]]:
     """The HF (name, tensor) pairs of a full Megatron tensor, vocabulary padding stripped."""
     if entry.transform == "copy":

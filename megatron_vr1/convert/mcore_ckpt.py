@@ -121,10 +121,16 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     bare.load_state_dict(loaded, strict=True)
 
 
-def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Save ``model`` as torch_dist to ``out_dir`` (collective). Written to ``<out_dir>.tmp`` and renamed when
-    complete, so an interrupted save never looks like a checkpoint."""
+def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, meta: dict[str, Any],
+                    timings: dict[str, float] | None = None) -> Path:
+    """Save ``model`` as torch_dist to ``out_dir`` (collective). Written to ``<out_dir>.tmp``, fsynced and renamed
+    when complete, so an interrupted save never looks like a checkpoint. ``timings`` (optional) receives
+    ``fsync_seconds``: the time spent making the files durable, which is disk-bound rather than converter-bound."""
+    import time
+
     from megatron.core import dist_checkpointing
+
+    from megatron_vr1.convert.sync_save import InProcessTorchDistSave, fsync_dir, fsync_tree
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -134,12 +140,17 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, meta: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # dist_checkpointing needs the directory to exist beforehand
     _barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model), str(tmp))
+    dist_checkpointing.save(model_sharded_state_dict(model), str(tmp), sharded_strategy=InProcessTorchDistSave())
     _barrier()
     if _rank() == 0:
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+        start = time.perf_counter()
+        fsync_tree(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+        fsync_dir(out.parent)
+        if timings is not None:
+            timings["fsync_seconds"] = time.perf_counter() - start
     _barrier()
     return out

@@ -8,6 +8,7 @@ a truncated download fails with the tensor's and the file's name before any conv
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -21,6 +22,9 @@ from megatron_vr1.convert.errors import ConversionError
 from megatron_vr1.convert.names import canonical_hf_name
 
 INDEX_NAME = "model.safetensors.index.json"
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """A header larger than this is not a checkpoint we wrote or can trust (cap on input size)."""
 
@@ -87,6 +91,7 @@ class SafetensorsReader:
                 self._where[name] = (fname, key)
                 self._info[name] = info
         self._open: dict[str, object] = {}
+        self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # file -> (private mapping, data section start)
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -110,12 +115,38 @@ class SafetensorsReader:
         except Exception as e:  # safetensors raises its own types; re-raise with the tensor and file named
             raise ConversionError(f"{self.dir / fname}: can't read tensor {key!r} ({e}); the file is corrupt") from None
 
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor by canonical name as a read-only-by-contract view of the memory-mapped file: no copy, the
+        pages are read when the caller copies from it. Do not write to it (the mapping is private, copy-on-write,
+        so a write would never reach the file, only cost memory). Falls back to :meth:`get` for empty tensors and
+        dtypes torch can't view."""
+        if name not in self._where:
+            raise ConversionError(f"{name}: not in the HF checkpoint {self.dir}")
+        fname, _ = self._where[name]
+        info = self._info[name]
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        begin, end = info["data_offsets"]
+        if dtype is None or end == begin:
+            return self.get(name)
+        mapped = self._maps.get(fname)
+        if mapped is None:
+            path = self.dir / fname
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                # ACCESS_COPY: a writable private mapping, so torch.frombuffer takes it without a warning.
+                mapped = self._maps[fname] = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 8 + header_len)
+        buf, data_start = mapped
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(buf, dtype=dtype, count=count, offset=data_start + begin).view(info["shape"])
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._where:
             yield name, self.get(name)
 
     def close(self) -> None:
+        """Drop the open handles; a mapping stays alive as long as a view of it does."""
         self._open.clear()
+        self._maps.clear()
 
 
 class ShardedSafetensorsWriter:
