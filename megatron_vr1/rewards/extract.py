@@ -1,11 +1,12 @@
 """Batch extraction: every completion's boxes as one flat array (model coordinates), with owners and labels.
 
 The semantics are those of ``parse_qwen`` (the released ``extract`` + format check); this module only makes
-the common case fast. After json.loads (once per completion, unavoidable), the ``bbox_2d`` lists of the
-whole batch go through one ``np.array`` call. When that yields a numeric [N, 4] array, ``int()``
-truncation, the x1 < x2, y1 < y2 filter and the loose format check reduce to array operations with the
-same results; otherwise (strings, wrong lengths, huge numbers...) the completion takes the exact
-item-by-item path.
+the common case fast. After json.loads (once per completion, unavoidable), the items of the whole batch
+are read with one C-level ``map(dict.get, ...)`` per field and their ``bbox_2d`` lists converted at once
+(integers: one ``array('q')`` pass; otherwise one ``np.array`` call). When that yields a numeric [N, 4]
+array, ``int()`` truncation, the x1 < x2, y1 < y2 filter and the loose format check reduce to array
+operations with the same results; otherwise (strings, wrong lengths, huge numbers...) the completion takes
+the exact item-by-item path.
 """
 
 from __future__ import annotations
