@@ -221,14 +221,21 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
         if fmt_pending[i]:
             format_ok[i] = loose_format(completions[i], bodies[i], objs[i])
         _append(i, arr, lbs, extra_boxes, extra_owner, extra_labels, n_parsed, status)
+    fb_all: list = []  # regex-recovered boxes of every answer that kept none, converted once
+    fb_owner: list[int] = []
     for i in np.nonzero(n_parsed == 0)[0].tolist():
         fb_boxes, lbs = _fallback(stripped_all[i])
         if fb_boxes:
-            _append(i, np.asarray(fb_boxes, dtype=np.float64), lbs, extra_boxes, extra_owner, extra_labels,
-                    n_parsed, status)
+            fb_all.extend(fb_boxes)
+            fb_owner.extend([i] * len(fb_boxes))
+            extra_labels.extend(lbs)
+            n_parsed[i] = len(fb_boxes)
             status[i] = "fallback"
         else:
             status[i] = "unparsable" if objs[i] is _FAILED else "empty"
+    if fb_all:
+        extra_boxes.append(np.array(fb_all, dtype=np.float64))
+        extra_owner.append(np.array(fb_owner, dtype=np.int64))
     return Extracted(boxes=np.concatenate(extra_boxes), owner=np.concatenate(extra_owner), labels=extra_labels,
                      n_parsed=n_parsed, status=status, format_ok=format_ok)
 
