@@ -84,5 +84,7 @@ def detect(environ: dict[str, str] | None = None, default_port: int = 29500) -> 
         return DistEnv(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
                        local_rank=int(env.get("SLURM_LOCALID", "0")), master_addr=master, master_port=port,
                        launcher="slurm")
-    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                   master_port=int(env.get("MASTER_PORT") or free_port()), launcher="single")
+    # A world of one process only needs a port for its own store: take a free one. An inherited MASTER_PORT
+    # (a parent process's, often still bound by it) would fail with EADDRINUSE.
+    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port(),
+                   launcher="single")

@@ -38,8 +38,7 @@ def initialize(cfg: ParallelConfig, env: DistEnv | None = None, timeout_s: float
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.master_addr, str(env.master_port)
         if backend_for(cfg) == "gloo":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if env.master_addr in ("127.0.0.1", "localhost") else "")
             if not os.environ["GLOO_SOCKET_IFNAME"]:
