@@ -10,11 +10,12 @@ parquet) that carry ``image`` and either ``image_id`` or a basename equal to the
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from megatron_vr1.data.image import smart_resize  # one implementation for training, rollout and evaluation
 
 COCO_PROMPT = ("Locate every item from the category list in the image and output the coordinates in JSON format. "
                "The category set includes {categories}.")
@@ -45,25 +46,6 @@ class EvalQuery:
     input_height: int
     categories: tuple[str, ...]
     """Category names asked for in this query."""
-
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = EVAL_MIN_PIXELS,
-                 max_pixels: int = EVAL_MAX_PIXELS) -> tuple[int, int]:
-    """Qwen2.5-VL's input size for an image: sides rounded to multiples of ``factor``, area in [min, max] pixels
-    (same arithmetic as transformers' ``qwen2_vl`` image processor; checked against it in the tests)."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image {width}x{height}: aspect ratio above 200 is not supported by Qwen2.5-VL")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -163,6 +163,6 @@ def test_bad_image_names_the_request(engine, tmp_path):
 def test_eval_smart_resize_matches_transformers(h, w):
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
-    from megatron_vr1.eval.queries import smart_resize
+    from megatron_vr1.eval.queries import EVAL_MAX_PIXELS, EVAL_MIN_PIXELS, smart_resize
 
-    assert smart_resize(h, w) == tuple(hf_smart_resize(h, w, factor=28, min_pixels=28 * 28, max_pixels=12800 * 28 * 28))
+    assert smart_resize(h, w, min_pixels=EVAL_MIN_PIXELS, max_pixels=EVAL_MAX_PIXELS) == tuple(hf_smart_resize(h, w, factor=28, min_pixels=28 * 28, max_pixels=12800 * 28 * 28))
