@@ -11,6 +11,7 @@ Each ``--gt``/``--data`` pair is one dataset (ODinW-13: thirteen pairs, reported
 from __future__ import annotations
 
 import argparse
+import subprocess
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,12 @@ ENGINES = ("hf", "sglang")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
+    parser.add_argument("--model", required=True,
+                        help="a Hugging Face model directory, or a Megatron checkpoint: a training run's checkpoint "
+                             "dir (its `latest` is used), one iter_ directory, or a `convert hf-to-mcore` output "
+                             "(needs --hf-config)")
+    parser.add_argument("--hf-config", default=None,
+                        help="for a Megatron --model: the HF directory it came from (config, tokenizer, processor)")
     parser.add_argument("--gt", action="append", required=True, help="COCO ground truth of a dataset (repeatable)")
     parser.add_argument("--data", action="append", required=True,
                         help="images of the matching --gt: rows (.jsonl/.json/.parquet with 'image' and 'image_id' or "
@@ -96,6 +102,36 @@ def _dataset_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def hf_model_dir(model: str, hf_config: str | None, out: str) -> str:
+    """``model`` itself when it is an HF directory; for a Megatron checkpoint, an HF copy written to
+    ``<out>/hf_model`` by ``convert mcore-to-hf`` (in its own process: it sets up process groups and the CPU
+    compatibility layer, which must not leak into the evaluating engine)."""
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return model
+    from megatron_vr1.checkpoint.layout import resolve
+
+    if (path / ".metadata").is_file():
+        ckpt = path  # a torch_dist model checkpoint (convert hf-to-mcore)
+    else:
+        found = resolve(path)
+        if found is None:
+            raise FileNotFoundError(f"--model {model}: neither an HF directory (config.json) nor a checkpoint "
+                                    "(iter_ directory, a save dir with `latest`, or a torch_dist directory)")
+        ckpt = found / "model_optim"
+    if not hf_config:
+        raise FileNotFoundError(f"--model {model} is a Megatron checkpoint: pass --hf-config with the HF directory "
+                                "it was trained from (its config, tokenizer and processor files are used)")
+    dest = Path(out) / "hf_model"
+    proc = subprocess.run([sys.executable, "-m", "megatron_vr1.cli", "convert", "mcore-to-hf", "--ckpt", str(ckpt),
+                           "--hf-config", hf_config, "--out", str(dest)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FileNotFoundError(f"--model {model}: converting the checkpoint to HF failed: "
+                                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    print(f"megatron-vr1 eval: evaluating {ckpt} as the HF checkpoint {dest}", flush=True)
+    return str(dest)
+
+
 def run(args: argparse.Namespace) -> int:
     from megatron_vr1.eval.coco_metrics import CocoInputError, load_json_file, validate_ground_truth
     from megatron_vr1.eval.queries import EvalDataError
@@ -118,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         for p in args.data:
             if not Path(p).exists():
                 raise EvalDataError(f"--data {p} does not exist")
+        args.model = hf_model_dir(args.model, args.hf_config, args.out)
         engine, render, decode, input_size = make_engine(args)
     except (CocoInputError, EvalDataError, EngineUnavailable, FileNotFoundError, ValueError) as e:
         return fail(str(e))

@@ -34,24 +34,8 @@ def _barrier() -> None:
 
 
 def model_sharded_state_dict(model: torch.nn.Module) -> dict:
-    """The model's sharded state dict with replica ids fixed for tensors replicated over TP/DP.
-
-    Tensors made by ``sharded_state_dict_default`` for a plain module (the HF vision tower) get replica id 0 on
-    every rank; dist_checkpointing then rejects the load ("Invalid access pattern": two main replicas) as soon as
-    TP or DP > 1. Mark every rank but the first of its TP x DP replica set as a replica.
-    """
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    sd = unwrap(model).sharded_state_dict()
-    if not ps.model_parallel_is_initialized():
-        return sd
-    tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-    for v in sd.values():
-        if (isinstance(v, ShardedTensor) and v.key.startswith("visual.") and not any(v.replica_id)
-                and (tp_rank or dp_rank)):
-            v.replica_id = (0, tp_rank, dp_rank)
-    return sd
+    """The (unwrapped) model's sharded state dict; replica ids of the replicated vision tower are set by the model."""
+    return unwrap(model).sharded_state_dict()
 
 
 def _sharded_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -117,8 +101,10 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
 
     validate_checkpoint(ckpt_dir, model)
     bare = unwrap(model)
-    loaded = dist_checkpointing.load(model_sharded_state_dict(bare), str(ckpt_dir))
-    bare.load_state_dict(loaded, strict=True)
+    wanted = model_sharded_state_dict(bare)
+    loaded = dist_checkpointing.load(wanted, str(ckpt_dir))
+    # A training checkpoint also holds the optimizer's common (non-tensor) state; take the model's entries only.
+    bare.load_state_dict({k: v for k, v in loaded.items() if k in wanted}, strict=True)
 
 
 def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, meta: dict[str, Any],
