@@ -116,8 +116,9 @@ def hf_model_dir(model: str, hf_config: str | None, out: str) -> str:
     else:
         found = resolve(path)
         if found is None:
-            raise FileNotFoundError(f"--model {model}: neither an HF directory (config.json) nor a checkpoint "
-                                    "(iter_ directory, a save dir with `latest`, or a torch_dist directory)")
+            raise FileNotFoundError(f"--model {model} is not a Hugging Face model directory (no config.json) nor a "
+                                    "Megatron checkpoint (an iter_ directory, a save dir with `latest`, or a "
+                                    "torch_dist directory)")
         ckpt = found / "model_optim"
     if not hf_config:
         raise FileNotFoundError(f"--model {model} is a Megatron checkpoint: pass --hf-config with the HF directory "

@@ -22,11 +22,9 @@ FP32 = ModelConfig(dtype="float32")
 @pytest.fixture(scope="module")
 def mp():
     from megatron_vr1.parallel import state
-    from megatron_vr1.parallel.env import free_port
+    # A world of one: parallel.state picks its own free port; exporting RANK/WORLD_SIZE here would leak
 
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # into every child process of the test session and make it act as a torchrun rank.
     state.initialize(ParallelConfig())
     yield
     state.destroy()
