@@ -31,6 +31,8 @@ class SamplingParams:
     """Completions per request (GRPO's G)."""
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
+    """Generate exactly ``max_new_tokens`` tokens (fixed-length benchmarks and fault-injection tests)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -226,6 +226,8 @@ class HFEngine:
             gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
             gen_kwargs.update(temperature=None, top_p=None)
+        if sampling.ignore_eos:
+            gen_kwargs.update(min_new_tokens=sampling.max_new_tokens)
         if sampling.stop:
             gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         out = self.model.generate(**inputs, **gen_kwargs)
@@ -251,6 +253,8 @@ class HFEngine:
 
     def _finish(self, ids: list[int], sampling: SamplingParams) -> tuple[int, str]:
         """(number of tokens that belong to the completion, finish reason)."""
+        if sampling.ignore_eos:
+            return len(ids), "length"
         for k, t in enumerate(ids):
             if t in self.eos_ids:
                 return k + 1, "stop"

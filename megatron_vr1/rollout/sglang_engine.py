@@ -72,7 +72,7 @@ def expand_requests(requests: Sequence[GenerationRequest]) -> list[GenerateItem]
             items.append(GenerateItem(rid=f"{req.request_id}-{i}", prompt=collapse_image_pads(req.prompt), image=req.image,
                                       temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                                       stop=s.stop, seed=None if s.seed is None else s.seed + i,
-                                      return_logprob=req.return_logprob))
+                                      return_logprob=req.return_logprob, ignore_eos=s.ignore_eos))
     return items
 
 
@@ -125,6 +125,8 @@ class SGLangEngine:
         self._weight_version = 0
         self._resync_hooks: list[ResyncHook] = []
         self.recoveries = 0
+        self.inflight = 0
+        """Completions sent to a server and not yet answered, over all servers (monitoring, fault tests)."""
 
     # -- RolloutEngine ---------------------------------------------------------------------------------------
     @property
@@ -177,6 +179,7 @@ class SGLangEngine:
             slot = min(slots, key=lambda s: s.inflight)
             epoch = slot.epoch
             slot.inflight += len(todo)
+            self.inflight += len(todo)
             try:
                 outs = await self._post_generate(session, slot.endpoint, todo)
             except SGLangHTTPError as e:
@@ -189,6 +192,7 @@ class SGLangEngine:
                 continue
             finally:
                 slot.inflight -= len(todo)
+                self.inflight -= len(todo)
             by_id = {str((o.get("meta_info") or {}).get("id")): o for o in outs}
             for it, out in zip(todo, outs):
                 out = by_id.get(it.rid, out)

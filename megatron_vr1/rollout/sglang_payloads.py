@@ -29,6 +29,7 @@ class GenerateItem:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     return_logprob: bool = True
+    ignore_eos: bool = False
 
 
 def image_field(image: str | bytes | None, *, inline: bool) -> str | None:
@@ -60,6 +61,8 @@ def sampling_params(item: GenerateItem) -> dict[str, Any]:
         params["stop"] = list(item.stop)
     if item.seed is not None:
         params["sampling_seed"] = item.seed
+    if item.ignore_eos:
+        params["ignore_eos"] = True
     return params
 
 
