@@ -93,3 +93,19 @@ def test_train_job_on_two_nodes(cluster, tiny_hf, tmp_path):
     (record,) = read_metrics(run_dir)
     assert record["step"] == 1 and record["weight_version"] == 1
     assert (run_dir / "checkpoints" / "latest").exists()  # where a requeued job resumes from
+
+
+def test_scaling_bench_array_appends_one_row_per_task(cluster, tmp_path):
+    """scaling_bench.sbatch as a 2-task job array (1 node TP=1, then 2 nodes TP=2 with one rank per node), the
+    tiny model on CPU: each task appends its row to the one CSV, with the node count torchrun reports."""
+    from megatron_vr1.benchmarks.scaling_csv import read_rows
+
+    csv = tmp_path / "scaling.csv"
+    rc, out = sbatch(cluster, SLURM / "scaling_bench.sbatch", tmp_path,
+                     {"RECIPE": "tiny_cpu_demo", "LAYOUTS": "1:1:1 2:2:1", "GPUS_PER_NODE": "1", "STEPS": "1",
+                      "CSV": str(csv), "BENCH_ARGS": "--model tiny --global-batch 4 --warmup 0"},
+                     "--array=0-1", "--nodes=2", "--time=00:20:00")
+    assert rc == 0, out[-6000:]
+    rows = sorted(read_rows(csv), key=lambda r: r.gpus_or_procs)
+    assert [(r.nodes, r.gpus_or_procs, r.tp, r.dp, r.global_batch) for r in rows] == [(1, 1, 1, 1, 4), (2, 2, 2, 1, 4)]
+    assert all(r.step_s_median > 0 and r.device.startswith("CPU process") for r in rows)
