@@ -18,6 +18,9 @@ from megatron_vr1.types import Sample
 
 MAX_GT_BOXES = 4096
 """Cap on ground-truth boxes per target (the released data keeps 1-30)."""
+_SHARED_MAPS: dict[tuple, dict[str, int]] = {}
+"""Equal id maps of different targets, one dict object: the scorer tells maps apart by identity."""
+_SHARED_MAPS_CAP = 4096
 
 
 class RewardInputError(ValueError):
@@ -103,10 +106,18 @@ def make_target(*, solution: list | tuple, width: Any, height: Any, input_width:
                                "they must agree (recall divides by num_instances)")
     gt = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     ids = np.asarray([id_map[lb.lower()] for lb in labels], dtype=np.int64)
+    id_map = _shared(id_map)
     return RewardTarget(gt_boxes=gt, gt_class_ids=ids, width=width, height=height, input_width=input_width,
                         input_height=input_height, num_instances=num_instances, target_id_maps=id_map,
                         gt_labels=tuple(labels), gt_rows=np.column_stack((gt, ids.astype(np.float64))),
                         meta=(width, height, input_width, input_height, len(boxes), num_instances))
+
+
+def _shared(id_map: dict[str, int]) -> dict[str, int]:
+    """The one shared dict equal to ``id_map`` (same items, same order). Never mutated after this."""
+    if len(_SHARED_MAPS) >= _SHARED_MAPS_CAP:
+        _SHARED_MAPS.clear()  # bounded: a dataset with ever new maps only loses the sharing
+    return _SHARED_MAPS.setdefault(tuple(id_map.items()), id_map)
 
 
 def target_from_sample(sample: Sample) -> RewardTarget:
