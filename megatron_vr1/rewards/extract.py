@@ -166,32 +166,28 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
     stripped_all = list(map(str.strip, texts))
     fenced = _canonical_fences(texts, stripped_all)
     format_list = [False] * b
-    pending_list = [False] * b  # loose format decided by the fast conversion below
+    # "```json\n<body>\n```" with no other fence and plain "\n" line breaks: the release's parse_json body is
+    # stripped[8:-3], and its format check sees the same JSON (see below).
+    bodies = [s[8:-3] if f else "" for s, f in zip(stripped_all, fenced)]
+    # Spelled answers (most of them) for the whole batch at once; the strict check needs decoded items.
+    spelled = [] if strict else [i for i, m in enumerate(map(_SPELLED.fullmatch, bodies)) if m is not None]
     objs: list[object] = [_FAILED] * b
-    bodies: list[str] = [""] * b
+    pending_list = [False] * b  # loose format decided by the fast conversion below
+    for i in spelled:
+        objs[i] = _SPELLED_ANSWER
+        pending_list[i] = True
     list_answers: list[int] = []  # completions whose JSON value is a list, and their items, flattened
     list_items: list = []
     list_sizes: list[int] = []
-    spelled: list[int] = []  # answers read by _spelled_boxes instead of json.loads
-    spelled_bodies: list[str] = []
-    for i in range(b) if all(usable) else [i for i, u in enumerate(usable) if u]:  # unusable: no boxes, format 0
-        stripped = stripped_all[i]
+    for i, (u, obj) in enumerate(zip(usable, objs)):
+        if not u or obj is _SPELLED_ANSWER:
+            continue  # unusable: no boxes, format 0
         if fenced[i]:
-            # "```json\n<body>\n```" with no other fence and plain "\n" line breaks: the release's
-            # parse_json body is stripped[8:-3], and its format check sees the same JSON (see below).
-            body = stripped[8:-3]
-            if not strict and _SPELLED.fullmatch(body):
-                # About 3x cheaper than json.loads plus reading the items back (the strict check needs
-                # the decoded items, so it always decodes).
-                spelled.append(i)
-                spelled_bodies.append(body)
-                objs[i], bodies[i] = _SPELLED_ANSWER, body
-                pending_list[i] = True
-                continue
+            body = bodies[i]
             obj = _loads_fenced_body(body)
             pending_list[i] = obj is not _FAILED  # same JSON as the extraction's: checked on its items below
         else:
-            body, obj = release_parse_json(stripped)
+            body, obj = release_parse_json(stripped_all[i])
             if not strict:
                 text = texts[i]
                 fmt_text = _FORMAT_STRIP_RE.sub("", text).strip()
@@ -246,7 +242,7 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
         labels = [lb for i in np.nonzero(good)[0].tolist() for lb in all_labels[starts[i]:ends[i]]]
     owner = np.repeat(np.arange(b)[good], counts[good])
     if spelled:  # integers: no truncation needed; the scorer restores sample order (stable sort)
-        sp_flat, sp_owner, sp_labels = _spelled_boxes(spelled, spelled_bodies)
+        sp_flat, sp_owner, sp_labels = _spelled_boxes(spelled, [bodies[i] for i in spelled])
         flat, owner, labels = np.concatenate((sp_flat, flat)), np.concatenate((sp_owner, owner)), sp_labels + labels
     if truncate and not integral:
         flat = np.trunc(flat)

@@ -113,8 +113,8 @@ def _positions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return bidx, np.arange(int(counts.sum())) - starts[bidx]
 
 
-def _canonical_order(rows: np.ndarray, bidx: np.ndarray) -> np.ndarray:
-    """Order of ``rows`` by (sample, x1, y1, x2, y2, class), a function of each sample's set of rows.
+def _canonical_rows(rows: np.ndarray, bidx: np.ndarray) -> np.ndarray:
+    """``rows`` sorted by (sample, x1, y1, x2, y2, class), a function of each sample's set of rows.
 
     Sorting by (sample, x1, y1) first is half the passes of the full lexsort and already total when no
     two rows of a sample share x1 and y1 (almost always); otherwise the full lexsort decides.
@@ -123,8 +123,8 @@ def _canonical_order(rows: np.ndarray, bidx: np.ndarray) -> np.ndarray:
     s = rows[order]
     sb = bidx[order]
     if ((sb[1:] == sb[:-1]) & (s[1:, 0] == s[:-1, 0]) & (s[1:, 1] == s[:-1, 1])).any():
-        order = np.lexsort((rows[:, 4], rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0], bidx))
-    return order
+        s = rows[np.lexsort((rows[:, 4], rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0], bidx))]
+    return s
 
 
 def _stage_arrays(steps: Sequence[int | None], schedule: RefinementSchedule) -> tuple[list[str], np.ndarray]:
@@ -178,11 +178,10 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
         _, pos = _positions(n_parsed)
         keep = pos < rules.max_predictions
         rows, owner = rows[keep], owner[keep]
-    finite = (np.abs(rows[:, :4]) <= MAX_ABS_COORD).all(axis=1)
-    if not finite.all():
+    if len(rows) and not np.abs(rows[:, :4]).max() <= MAX_ABS_COORD:  # one reduction in the usual case
+        finite = (np.abs(rows[:, :4]) <= MAX_ABS_COORD).all(axis=1)
         rows, owner = rows[finite], owner[finite]
     kept = np.bincount(owner, minlength=b)
-    bidx = owner
 
     # ---- rescale model coordinates to original-image pixels: x / input_width * width (release order) ----
     meta = np.frombuffer(array("d", list(chain.from_iterable([t.meta for t in targets]))), dtype=np.float64)
@@ -195,11 +194,12 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
         div = meta[:, [2, 3, 2, 3]]
     else:
         div = np.full((b, 4), 1000.0)
-    rows[:, :4] = rows[:, :4] / div[bidx] * meta[bidx][:, [0, 1, 0, 1]]
+    # Rows are grouped by sample here: np.repeat by counts is the per-row sample lookup, without fancy indexing.
+    rows[:, :4] = rows[:, :4] / np.repeat(div, kept, axis=0) * np.repeat(meta[:, [0, 1, 0, 1]], kept, axis=0)
 
     # Canonical order inside each sample: the result must not depend on the order of the predictions.
     bidx, pos = _positions(kept)
-    pred = _pad_boxes(rows[_canonical_order(rows, bidx)], bidx, pos, b, int(kept.max()))
+    pred = _pad_boxes(_canonical_rows(rows, bidx), bidx, pos, b, int(kept.max()))
     gbidx, gpos = _positions(n_gt)
     g_max = int(n_gt.max())
     gt = _pad_boxes(np.concatenate([t.gt_rows if t.gt_rows is not None else
