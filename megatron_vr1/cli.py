@@ -22,6 +22,7 @@ class Verb:
 
 
 VERBS: tuple[Verb, ...] = (
+    Verb("demo", "demo", "The CPU demo: Vision-R1 GRPO vs continued SFT from an SFT warm start (make demo)", 8),
     Verb("train", "train", "Vision-R1 GRPO (or SFT) from a recipe: rollout, reward, Megatron update, weight sync", 8),
     Verb("eval", "eval", "Generate boxes with a checkpoint and score COCO / ODinW mAP by the paper's protocol", 9),
     Verb("coco-eval", "coco_eval", "COCO bbox metrics of a detections json against a ground-truth json", 9),

@@ -40,7 +40,12 @@ class GRPOConfig:
     """Truncated importance sampling against the rollout engine's logprobs."""
     tis_cap: float = 2.0
     dynamic_sampling: bool = False
-    """Drop zero-variance groups and refill the batch (DAPO)."""
+    """Drop zero-variance groups and refill the batch with fresh prompts (DAPO)."""
+    dynamic_sampling_max_rounds: int = 4
+    """Rollout rounds per step at most when refilling; a step still short after them trains on what it has."""
+    time_budget_s: float = 0.0
+    """Stop after the step that reaches this many seconds of training (0 = run all train_steps). The last step
+    is checkpointed. Equal-wall-time comparisons (the demo's GRPO vs continued SFT) use it."""
     overlong_filter: bool = False
     """Mask completions truncated at max_new_tokens out of the loss."""
 
@@ -57,4 +62,7 @@ class GRPOConfig:
         require(self.updates_per_batch >= 1, "grpo.updates_per_batch", self.updates_per_batch, "use >= 1")
         require(self.adv_eps >= 0, "grpo.adv_eps", self.adv_eps, "use >= 0")
         require(self.tis_cap >= 1, "grpo.tis_cap", self.tis_cap, "use a cap >= 1 (e.g. 2)")
+        require(self.dynamic_sampling_max_rounds >= 1, "grpo.dynamic_sampling_max_rounds",
+                self.dynamic_sampling_max_rounds, "use >= 1")
+        require(self.time_budget_s >= 0, "grpo.time_budget_s", self.time_budget_s, "use >= 0 (0 = no budget)")
         require(self.grad_clip >= 0, "grpo.grad_clip", self.grad_clip, "use >= 0 (0 disables clipping)")

@@ -1,10 +1,10 @@
 """The Vision-R1 GRPO loop, written to read like the algorithm.
 
     for step:  sample prompts -> rollout (each completion carries weight_version) -> rewards in the CPU worker,
-               overlapped with generating the next prompt chunk -> advantages (zero-variance groups dropped
-               with grpo.dynamic_sampling; no refill yet) ->
+               overlapped with generating the next prompt chunk -> advantages (with grpo.dynamic_sampling,
+               zero-variance groups are dropped and fresh prompts refill the batch) ->
                Megatron update(s) -> weight sync, weight_version + 1 -> log, incl. the train/rollout logprob gap
-               -> periodic checkpoint
+               -> periodic checkpoint (and a final one when grpo.time_budget_s is spent)
 
 Rank 0 drives the rollout engine and the reward worker; the TrainBatch is broadcast to every rank, every rank
 takes its DP share of the update, and the weight export is collective.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -22,8 +23,8 @@ from megatron_vr1.rollout.engine import GenerationRequest, RolloutEngine, Sampli
 from megatron_vr1.training.batch import PreparedPrompt, build_train_batch, prepare_prompt
 from megatron_vr1.training.metrics import MetricsLogger
 from megatron_vr1.training.policy import Policy, grpo_loss_fn
-from megatron_vr1.training.state import (broadcast_object, is_rank0, load_or_start, reward_scalars,
-                                         save_state, sync_weights)
+from megatron_vr1.training.state import (broadcast_object, budget_reached, is_rank0, load_or_start,
+                                         reward_scalars, save_state, sync_weights)
 from megatron_vr1.types import RolloutGroup, Sample
 
 
@@ -50,43 +51,84 @@ def rollout_and_score(engine: RolloutEngine, prompts: list[PreparedPrompt], cfg:
     return groups, rewards
 
 
+@dataclass(slots=True)
+class ScoredGroup:
+    """One prompt's G completions with their advantages, ready for the batch."""
+
+    prompt: PreparedPrompt
+    group: RolloutGroup
+    advantages: torch.Tensor
+    """[G] float32."""
+
+
+def sample_step(engine: RolloutEngine, samples: Iterator[Sample], tokenizer, cfg: RunConfig, worker, step: int,
+                dynamic=None) -> tuple[list[ScoredGroup], list[RolloutGroup], list, torch.Tensor]:
+    """The step's training groups, plus every group sampled, their rewards and zero-variance flags (for logging).
+
+    Without ``dynamic`` (a DynamicSampler) one round of ``prompts_per_step`` prompts is the batch. With it,
+    zero-variance groups are dropped and rounds of fresh prompts refill the batch, up to its round cap.
+    """
+    from megatron_vr1.algorithms.advantages import group_advantages
+
+    g, n = cfg.grpo, cfg.grpo.num_generations
+    all_groups, all_rewards, flags, rnd = [], [], [], 0
+    while True:
+        need = g.prompts_per_step - (dynamic.num_buffered if dynamic is not None else 0)
+        prompts = [prepare_prompt(next(samples), tokenizer, min_pixels=cfg.data.min_pixels,
+                                  max_pixels=cfg.data.max_pixels) for _ in range(need)]
+        groups, rewards = rollout_and_score(engine, prompts, cfg, worker, step, f"s{step}r{rnd}")
+        adv = group_advantages(rewards=[r.total for r in rewards], group_size=n, eps=g.adv_eps,
+                               unbiased_std=g.std_unbiased)
+        scored = [ScoredGroup(p, grp, adv.advantages[i * n:(i + 1) * n])
+                  for i, (p, grp) in enumerate(zip(prompts, groups))]
+        all_groups += groups
+        all_rewards += rewards
+        flags.append(adv.zero_variance)
+        rnd += 1
+        if dynamic is None:
+            return scored, all_groups, all_rewards, torch.cat(flags)
+        dynamic.add(scored, zero_variance=adv.zero_variance.tolist())
+        if dynamic.ready():
+            return dynamic.pop_batch(), all_groups, all_rewards, torch.cat(flags)
+
+
 def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, samples: Iterator[Sample], *,
                tokenizer, eos_ids: list[int], vision_ids: list[int] = (), dataset=None) -> list[dict]:
-    """Run ``cfg.grpo.train_steps`` GRPO steps (resuming from the checkpoint dir when one exists). ``engine`` and
-    ``samples`` are used on rank 0 only. Returns the logged records (rank 0; empty elsewhere)."""
-    from megatron_vr1.algorithms.advantages import group_advantages
+    """Run ``cfg.grpo.train_steps`` GRPO steps (resuming from the checkpoint dir when one exists), or fewer when
+    ``grpo.time_budget_s`` runs out. ``engine`` and ``samples`` are used on rank 0 only. Returns the logged
+    records (rank 0; empty elsewhere)."""
+    from megatron_vr1.algorithms.dynamic_sampling import DynamicSampler
     from megatron_vr1.rewards.schedule import RefinementSchedule
     from megatron_vr1.rewards.worker import RewardWorker
 
     g, rank0 = cfg.grpo, is_rank0()
     schedule = RefinementSchedule.from_config(cfg.reward, total_steps=g.train_steps)
-    start, version = load_or_start(cfg, policy, dataset=dataset, schedule=schedule)
+    dynamic = (DynamicSampler(target_groups=g.prompts_per_step, max_rounds=g.dynamic_sampling_max_rounds)
+               if g.dynamic_sampling else None)
+    start, version = load_or_start(cfg, policy, dataset=dataset, schedule=schedule, dynamic=dynamic)
     if rank0 and engine is not None and engine.weight_version < version:
         sync_weights(policy, engine, version, cfg)  # a resumed run's engine starts from the saved weights
     log = MetricsLogger(cfg.log.run_dir, total_steps=g.train_steps, start_step=start, enabled=rank0,
                         tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
     worker = RewardWorker(cfg.reward, schedule=schedule) if rank0 else None
-    records, loss_fn = [], grpo_loss_fn(cfg)
+    records, loss_fn, started = [], grpo_loss_fn(cfg), time.time()
     try:
         for step in range(start + 1, g.train_steps + 1):
             t0 = time.time()
             batch, scalars = None, {}
             if rank0:
-                prompts = [prepare_prompt(next(samples), tokenizer, min_pixels=cfg.data.min_pixels,
-                                          max_pixels=cfg.data.max_pixels) for _ in range(g.prompts_per_step)]
-                groups, rewards = rollout_and_score(engine, prompts, cfg, worker, step, f"s{step}")
-                adv = group_advantages(rewards=[r.total for r in rewards], group_size=g.num_generations,
-                                       eps=g.adv_eps, unbiased_std=g.std_unbiased)
-                keep = [i for i in range(len(groups)) if not (g.dynamic_sampling and adv.zero_variance[i])]
-                n = g.num_generations
+                kept, groups, rewards, zero_var = sample_step(engine, samples, tokenizer, cfg, worker, step, dynamic)
+                # Dynamic sampling can come back empty-handed (every group flat after its round cap): no update.
                 batch = build_train_batch(
-                    [groups[i] for i in keep], [prompts[i] for i in keep],
-                    torch.cat([adv.advantages[i * n:(i + 1) * n] for i in keep]) if keep else torch.zeros(0),
-                    eos_ids=eos_ids, overlong_filter=g.overlong_filter, vision_ids=vision_ids)
-                scalars = reward_scalars(rewards, groups, adv, version)
+                    [k.group for k in kept], [k.prompt for k in kept], torch.cat([k.advantages for k in kept]),
+                    eos_ids=eos_ids, overlong_filter=g.overlong_filter, vision_ids=vision_ids) if kept else None
+                scalars = reward_scalars(rewards, groups, zero_var, version)
                 scalars["rollout/vision_token_frac"] = sum(  # completions kept out of the loss (see batch.py)
                     any(t in vision_ids for t in c.token_ids) for grp in groups for c in grp.completions
                 ) / max(1, len(rewards))
+                scalars["rollout/groups_trained"] = float(len(kept))
+                if dynamic is not None:
+                    scalars.update({f"dynamic_sampling/{k}": float(v) for k, v in dynamic.counters.items()})
                 scalars["rollout/time_s"] = time.time() - t0
             batch = broadcast_object(batch)
             if batch is not None:
@@ -111,8 +153,11 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
             if rank0:
                 log.log(step, scalars)
                 records.append({"step": step, **scalars})
-            if step % cfg.checkpoint.save_interval == 0 or step == g.train_steps:
-                save_state(cfg, policy, step, version, dataset=dataset, schedule=schedule)
+            out_of_time = budget_reached(started, g.time_budget_s)
+            if step % cfg.checkpoint.save_interval == 0 or step == g.train_steps or out_of_time:
+                save_state(cfg, policy, step, version, dataset=dataset, schedule=schedule, dynamic=dynamic)
+            if out_of_time:
+                break
     finally:
         log.close()
         if worker is not None:

@@ -1,10 +1,12 @@
 """The Megatron policy: a Qwen2.5-VL built from an HF directory, wrapped in megatron DDP with megatron's optimizer
 and LR schedule, and trained over TrainBatch micro-batches with ``get_forward_backward_func`` (1F1B under PP).
 
-One sequence per micro-batch: images of different sizes and prompts of different lengths need no padding, and
-megatron's schedule divides each micro-batch loss by their number, which is exactly the released "mean over each
-sequence's tokens, then over sequences" aggregation. Token-level aggregation rescales each micro-batch by its
-share of the global token count instead (``LossFn`` gets a ``denominator``).
+``parallel.micro_batch_size`` sequences per micro-batch (default 1: images of different sizes and prompts of
+different lengths need no padding; more packs small models' many short sequences into fewer, larger matmuls, the
+main cost on CPU). Each micro-batch is right-padded to its longest row, which is exact under causal attention.
+The loss gets a ``denominator`` so that, after megatron's schedule divides each micro-batch loss by their
+number, the step's loss is the configured aggregation over all its sequences: the released "mean over each
+sequence's tokens, then over sequences", or a mean over all tokens.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from megatron_vr1.types import TrainBatch
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """``loss_fn(logprobs=, entropy=, mask=, advantages=, old_logprobs=, ref_logprobs=, rollout_logprobs=,
-denominator=)`` over one micro-batch ([1, S] tensors, [1] advantages) -> (scalar loss, scalar metrics).
-``denominator`` is None (sequence aggregation) or the token count that makes megatron's per-micro-batch
-average come out as a mean over all tokens of the step."""
+denominator=)`` over one micro-batch ([k, S] tensors, [k] advantages) -> (scalar loss, scalar metrics).
+``denominator`` is the sequence (or token) count that makes megatron's per-micro-batch average come out as a
+mean over all sequences (or tokens) of the step."""
 
 
 def grpo_loss_fn(cfg: RunConfig) -> LossFn:
@@ -117,35 +119,48 @@ class Policy:
 
     # ---- inputs ------------------------------------------------------------------------------------------------
 
-    def micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
-        """One MicroBatch per sequence, right padding trimmed, with its image and mrope positions."""
+    def micro_batches(self, batch: TrainBatch, rows: list[int] | None = None,
+                      micro_batch_size: int | None = None) -> list[tuple[list[int], MicroBatch]]:
+        """``rows`` (default: all) grouped ``micro_batch_size`` at a time (default: ``parallel.micro_batch_size``),
+        each group right-padded to its longest row, with its images and mrope positions.
+
+        Right padding is exact under the causal mask: a real token never attends to a later pad. Pads have loss
+        mask 0 and mrope position 0, as transformers gives padding.
+        """
         from megatron_vr1.models.mrope import mrope_position_ids
 
-        out, pix_start = [], 0
+        rows = list(range(batch.input_ids.shape[0])) if rows is None else list(rows)
+        k = micro_batch_size or self.cfg.parallel.micro_batch_size
         grids = batch.image_grid_thw
-        for b in range(batch.input_ids.shape[0]):
-            length = int(batch.lengths[b])
-            ids = batch.input_ids[b:b + 1, :length]
+        pix_start = None
+        if grids is not None:  # one image per row: patch offsets of each row in pixel_values
+            pix_start = torch.cat([torch.zeros(1, dtype=torch.long), grids.prod(dim=1).cumsum(0)]).tolist()
+        out = []
+        for g in range(0, len(rows), k):
+            group = rows[g:g + k]
+            length = max(int(batch.lengths[b]) for b in group)
+            index = torch.tensor(group)
+            ids = batch.input_ids.index_select(0, index)[:, :length]
+            real = torch.arange(length)[None, :] < batch.lengths.index_select(0, index)[:, None]
             thw = pix = None
             if grids is not None:
-                thw = grids[b:b + 1]
-                n_patches = int(thw.prod())
-                pix = batch.pixel_values[pix_start:pix_start + n_patches]
-                pix_start += n_patches
+                thw = grids.index_select(0, index)
+                pix = torch.cat([batch.pixel_values[pix_start[b]:pix_start[b + 1]] for b in group])
             targets = torch.roll(ids, -1, dims=1)
             # The logit at position t scores token t+1: shift the completion mask left by one.
-            mask = torch.roll(batch.loss_mask[b:b + 1, :length], -1, dims=1)
+            mask = torch.roll(batch.loss_mask.index_select(0, index)[:, :length] * real, -1, dims=1)
             mask[:, -1] = 0
-            out.append(MicroBatch(input_ids=ids, position_ids=mrope_position_ids(ids, thw, self.hf_config),
-                                  targets=targets, loss_mask=mask, pixel_values=pix, image_grid_thw=thw))
+            positions = mrope_position_ids(ids, thw, self.hf_config, attention_mask=None if bool(real.all()) else real)
+            out.append((group, MicroBatch(input_ids=ids, position_ids=positions, targets=targets, loss_mask=mask,
+                                          pixel_values=pix, image_grid_thw=thw)))
         return out
 
     @staticmethod
-    def _shift(t: torch.Tensor | None, b: int, length: int) -> torch.Tensor | None:
+    def _shift(t: torch.Tensor | None, rows: list[int], length: int) -> torch.Tensor | None:
         """Per-token values stored at the token's own position -> at the position that predicts it."""
         if t is None:
             return None
-        s = torch.roll(t[b:b + 1, :length].float(), -1, dims=1)
+        s = torch.roll(t.index_select(0, torch.tensor(rows))[:, :length].float(), -1, dims=1)
         s[:, -1] = 0
         return s
 
@@ -158,12 +173,14 @@ class Policy:
         if model is None:
             raise RuntimeError("Policy.logprobs(reference=True) needs the reference model (grpo.beta > 0)")
         model.eval()
-        mbs = self.micro_batches(batch)
-        res = pipelined_token_logprobs(model, mbs, vocab_size=self.vocab_size, compute_entropy=False)
+        groups = self.micro_batches(batch)
+        res = pipelined_token_logprobs(model, [mb for _, mb in groups], vocab_size=self.vocab_size,
+                                       compute_entropy=False)
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        for b, r in enumerate(res):
-            length = r.logprobs.shape[1]
-            out[b, 1:length] = r.logprobs[0, :length - 1]  # back to the scored token's own position
+        for (rows, _), r in zip(groups, res):
+            for i, b in enumerate(rows):
+                length = int(batch.lengths[b])
+                out[b, 1:length] = r.logprobs[i, :length - 1]  # back to the scored token's own position
         return out
 
     # ---- training ----------------------------------------------------------------------------------------------
@@ -174,32 +191,35 @@ class Policy:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.model.train()
-        all_mbs = self.micro_batches(batch)
+        n_rows = batch.input_ids.shape[0]
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        if len(all_mbs) < dp:
-            raise ValueError(f"train_step: {len(all_mbs)} sequences for {dp} data-parallel ranks; give every rank "
+        if n_rows < dp:
+            raise ValueError(f"train_step: {n_rows} sequences for {dp} data-parallel ranks; give every rank "
                              "at least one (raise grpo.prompts_per_step)")
         # Every rank holds the whole batch and trains on its strided share; DDP averages the gradients.
-        mine = list(range(dp_rank, len(all_mbs), dp))
-        mbs = [all_mbs[b] for b in mine]
-        n = len(mbs)
-        total_tokens = float(sum(float(mb.loss_mask.sum()) for mb in all_mbs)) or 1.0
-        per_seq = [(b, int(batch.lengths[b])) for b in mine]
-        items = iter(zip(mbs, per_seq))
+        mine = list(range(dp_rank, n_rows, dp))
+        groups = self.micro_batches(batch, mine)
+        n = len(groups)
+        # The schedule divides each micro-batch loss by n and DDP averages over dp ranks. Token aggregation wants
+        # sum / total_tokens over the whole step; sequence aggregation a mean over this rank's sequences, so a
+        # micro-batch of k sequences divides by len(mine) / n (= 1 with one sequence per micro-batch).
+        total_tokens = float(sum(float(batch.loss_mask[b, :int(batch.lengths[b])].sum()) for b in range(n_rows)))
+        denominator = (max(total_tokens, 1.0) / (n * dp) if self.cfg.grpo.loss_aggregation == "token"
+                       else len(mine) / n)
+        items = iter(groups)
 
         def forward_step(data_iterator, chunk):
-            mb, (b, length) = next(data_iterator)
+            rows, mb = next(data_iterator)
+            length = mb.input_ids.shape[1]
 
             def loss_func(output):
                 r = token_logprobs(output, mb.targets, mb.loss_mask, vocab_size=self.vocab_size)
-                # The schedule divides each micro-batch loss by n and DDP averages over dp ranks; token
-                # aggregation wants sum / total_tokens over the whole step instead.
-                denominator = total_tokens / (n * dp) if self.cfg.grpo.loss_aggregation == "token" else None
                 loss, metrics = loss_fn(
-                    logprobs=r.logprobs, entropy=r.entropy, mask=r.mask, advantages=batch.advantages[b:b + 1].float(),
-                    old_logprobs=self._shift(batch.old_logprobs, b, length),
-                    ref_logprobs=self._shift(batch.ref_logprobs, b, length),
-                    rollout_logprobs=self._shift(batch.rollout_logprobs, b, length), denominator=denominator)
+                    logprobs=r.logprobs, entropy=r.entropy, mask=r.mask,
+                    advantages=batch.advantages.index_select(0, torch.tensor(rows)).float(),
+                    old_logprobs=self._shift(batch.old_logprobs, rows, length),
+                    ref_logprobs=self._shift(batch.ref_logprobs, rows, length),
+                    rollout_logprobs=self._shift(batch.rollout_logprobs, rows, length), denominator=denominator)
                 return loss, {k: v.detach().float().clone() for k, v in metrics.items()}
 
             return chunk(**mb.model_kwargs()), loss_func
@@ -208,7 +228,8 @@ class Policy:
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=items, model=[self.model], num_microbatches=n,
-            seq_length=max(mb.input_ids.shape[1] for mb in mbs), micro_batch_size=1, forward_only=False)
+            seq_length=max(mb.input_ids.shape[1] for _, mb in groups),
+            micro_batch_size=max(len(rows) for rows, _ in groups), forward_only=False)
         _ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics = _mean_metrics(losses if parallel_state.is_pipeline_last_stage() else None)

@@ -13,7 +13,7 @@ from megatron_vr1.config.run import RunConfig
 from megatron_vr1.training.batch import prepare_prompt, sft_batch
 from megatron_vr1.training.metrics import MetricsLogger
 from megatron_vr1.training.policy import LossFn, Policy
-from megatron_vr1.training.state import broadcast_object, is_rank0, load_or_start, save_state
+from megatron_vr1.training.state import broadcast_object, budget_reached, is_rank0, load_or_start, save_state
 from megatron_vr1.types import Sample
 
 
@@ -38,13 +38,14 @@ def target_ids(sample: Sample, tokenizer) -> list[int]:
 
 
 def sft_train(cfg: RunConfig, policy: Policy, samples: Iterator[Sample], *, tokenizer, dataset=None) -> list[dict]:
-    """``cfg.grpo.train_steps`` SFT steps of ``cfg.grpo.prompts_per_step`` rows each (``samples`` read on rank 0).
+    """``cfg.grpo.train_steps`` SFT steps (fewer if ``grpo.time_budget_s`` runs out) of ``cfg.grpo.prompts_per_step``
+    rows each (``samples`` read on rank 0).
     Token-level mean NLL over the step (``grpo.loss_aggregation`` picks "token" or "sequence")."""
     g, rank0 = cfg.grpo, is_rank0()
     start, version = load_or_start(cfg, policy, dataset=dataset)
     log = MetricsLogger(cfg.log.run_dir, total_steps=g.train_steps, start_step=start, enabled=rank0,
                         tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, description="sft")
-    loss_fn, records = sft_loss_fn(g.loss_aggregation), []
+    loss_fn, records, started = sft_loss_fn(g.loss_aggregation), [], time.time()
     try:
         for step in range(start + 1, g.train_steps + 1):
             t0 = time.time()
@@ -63,8 +64,11 @@ def sft_train(cfg: RunConfig, policy: Policy, samples: Iterator[Sample], *, toke
             if rank0:
                 log.log(step, scalars)
                 records.append({"step": step, **scalars})
-            if step % cfg.checkpoint.save_interval == 0 or step == g.train_steps:
+            out_of_time = budget_reached(started, g.time_budget_s)
+            if step % cfg.checkpoint.save_interval == 0 or step == g.train_steps or out_of_time:
                 save_state(cfg, policy, step, version, dataset=dataset)
+            if out_of_time:
+                break
     finally:
         log.close()
     return records

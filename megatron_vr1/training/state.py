@@ -3,6 +3,8 @@ the engine, reward/rollout scalars, and checkpoint save/resume through the check
 
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,12 @@ def sync_weights(policy, engine, version: int, cfg: RunConfig) -> int:
     return engine.update_weights((nt for bucket in buckets for nt in bucket), version)
 
 
-def reward_scalars(rewards, groups, adv, version: int) -> dict[str, float]:
+def budget_reached(started: float, budget_s: float) -> bool:
+    """Rank 0's "the time budget is spent" on every rank (ranks' clocks differ; the decision must not)."""
+    return bool(broadcast_object(budget_s > 0 and time.time() - started >= budget_s))
+
+
+def reward_scalars(rewards, groups, zero_variance, version: int) -> dict[str, float]:
     """Reward breakdown, completion lengths, truncation, zero-variance groups and the sampling weight versions."""
     n = max(1, len(rewards))
     comps = [c for g in groups for c in g.completions]
@@ -52,7 +59,7 @@ def reward_scalars(rewards, groups, adv, version: int) -> dict[str, float]:
         "rollout/length_mean": mean([len(c.token_ids) for c in comps]),
         "rollout/length_max": float(max((len(c.token_ids) for c in comps), default=0)),
         "rollout/truncated_frac": sum(c.finish_reason == "length" for c in comps) / max(1, len(comps)),
-        "rollout/zero_variance_groups": float(adv.zero_variance.sum()),
+        "rollout/zero_variance_groups": float(zero_variance.sum()),
         "rollout/weight_version_lag": float(version - min((c.weight_version for c in comps), default=version)),
     }
 

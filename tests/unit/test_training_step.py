@@ -78,3 +78,29 @@ def test_positive_advantage_raises_logprob(policy_env):
     assert seq(after, 1) < seq(before, 1) - 1e-3, "the negative-advantage completion must become less likely"
     assert result.grad_norm > 0 and result.metrics["kl_mean"] == pytest.approx(0.0, abs=1e-6)
     assert result.metrics["num_tokens"] > 0 and "logprob_gap_mean" in result.metrics
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+def test_packed_micro_batches_equal_one_sequence_each(policy_env, aggregation):
+    """parallel.micro_batch_size=3 (groups of 3 + 1, right-padded) gives the logprobs and the update of one
+    sequence per micro-batch: padding is exact under the causal mask, and the loss denominators keep the
+    step's aggregation over all sequences."""
+    from megatron_vr1.training.policy import Policy, grpo_loss_fn
+
+    hf_dir, root = policy_env
+    completions = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62], [70]]
+    results = {}
+    for mbs in (1, 3):
+        cfg = run_config(hf_dir, root / f"pack{mbs}{aggregation}", lr=1e-3, beta=0.0, lr_schedule="constant",
+                         loss_aggregation=aggregation)
+        cfg.parallel.micro_batch_size = mbs
+        policy = Policy(cfg)
+        batch, _prep, _tok = _batch(hf_dir, completions, [1.0, -1.0, 0.5, -0.5])
+        before = policy.logprobs(batch)
+        step = policy.train_step(batch, grpo_loss_fn(cfg))
+        results[mbs] = (before, step, policy.logprobs(batch))
+    (b1, s1, a1), (b3, s3, a3) = results[1], results[3]
+    assert torch.allclose(b1, b3, atol=1e-5)
+    assert s1.grad_norm == pytest.approx(s3.grad_norm, rel=1e-4)
+    assert torch.allclose(a1, a3, atol=1e-5)
+    assert not torch.allclose(a1, b1, atol=1e-4)  # the step did change the policy

@@ -1,0 +1,307 @@
+"""The CPU demo (``make demo``) and its SFT warm start (``make warmstart``), orchestrated as CLI sub-processes.
+
+warmstart: synthetic shapes -> a random tiny Qwen2.5-VL -> SFT (recipe ``tiny_cpu_warmstart``) to a plateau ->
+           the HF checkpoint in ``assets/warmstart`` plus ``warmstart.json`` (steps, time, val mAP and reward).
+demo:      the same data (validation images are seeded independently of the training count) ->
+           eval of the warm start -> Vision-R1 GRPO with the real SGLang CPU rollout server (``tiny_cpu_demo``) ->
+           continued SFT from the same warm start for the same wall time (``tiny_cpu_demo_sft_control``) ->
+           eval of both -> table, plots and ``summary.json``.
+
+Each stage is the command a user would type (``megatron-vr1 data|train|eval``), run as a sub-process so that
+process groups, thread pools and the SGLang server never leak between stages; their logs go to ``<out>/logs``.
+The time budgets count training steps only (not process start, model build or SGLang's start-up); the two runs
+take turns on the whole machine rather than sharing it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+WARMSTART_DIR = Path("assets/warmstart")
+VAL_PIXELS = 56 * 56
+
+
+class DemoError(RuntimeError):
+    """A demo stage failed; the message names the stage and its log."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    warmstart: Path = WARMSTART_DIR
+    budget_s: float = 300.0
+    """Training seconds given to GRPO, and the same to continued SFT."""
+    n_train: int = 4000
+    n_val: int = 200
+    seed: int = 0
+    grpo_sets: tuple[str, ...] = ()
+    sft_sets: tuple[str, ...] = ()
+    """Extra ``--set a.b=c`` overrides for the two runs (tuning sweeps)."""
+
+    def __post_init__(self) -> None:
+        if self.budget_s <= 0 or self.n_train < 1 or self.n_val < 1:
+            raise ValueError(f"demo: budget_s={self.budget_s}, n_train={self.n_train}, n_val={self.n_val} must all "
+                             "be positive")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_vr1.cli", *args]
+
+
+def run_stage(name: str, cmd: list[str], log_path: Path, *, watch: Path | None = None, budget_s: float = 0) -> float:
+    """Run one stage, logging to ``log_path``; while it runs, show its latest metrics line when ``watch`` (a
+    metrics.jsonl) is given. Returns the stage's wall seconds; raises DemoError with the log's tail on failure."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    with log_path.open("w") as log, _status(name) as status:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            time.sleep(1.0)
+            status(_watch_line(watch, budget_s, time.time() - t0))
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        raise DemoError(f"demo stage {name!r} failed (exit {proc.returncode}); log {log_path}:\n" + "\n".join(tail))
+    wall = time.time() - t0
+    print(f"  {name}: done in {wall:.0f} s", flush=True)
+    return wall
+
+
+class _status:
+    """A one-line live status (rich) when attached to a terminal; silent otherwise."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._live = None
+
+    def __enter__(self):
+        if sys.stdout.isatty():
+            from rich.live import Live
+
+            self._live = Live(f"  {self.name} ...", refresh_per_second=2, transient=True)
+            self._live.__enter__()
+        else:
+            print(f"  {self.name} ...", flush=True)
+        return self.update
+
+    def update(self, line: str) -> None:
+        if self._live is not None:
+            self._live.update(f"  {self.name}: {line}")
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+
+def _watch_line(metrics: Path | None, budget_s: float, elapsed: float) -> str:
+    line = f"{elapsed:.0f} s"
+    if metrics is None or not metrics.is_file():
+        return line
+    lines = metrics.read_text().strip().splitlines()
+    if not lines:
+        return line
+    try:
+        last = json.loads(lines[-1])
+    except ValueError:
+        return line
+    shown = [f"step {last.get('step')}"]
+    for key in ("reward/total", "train/nll"):
+        if isinstance(last.get(key), (int, float)):
+            shown.append(f"{key.split('/')[-1]} {last[key]:.3f}")
+    return line + (f" of ~{budget_s:.0f} s training" if budget_s else "") + " | " + ", ".join(shown)
+
+
+# ---- data, evaluation, greedy reward ----------------------------------------------------------------------------
+
+def build_data(out: Path, *, n_train: int, n_val: int, seed: int) -> dict[str, Path]:
+    """The synthetic shapes (``demo`` difficulty); reused when already built with the same settings."""
+    from megatron_vr1.data.synth import build_synth
+
+    stamp = out / "synth_config.json"
+    if stamp.is_file():
+        cfg = json.loads(stamp.read_text())
+        if (cfg.get("n"), cfg.get("seed"), cfg.get("difficulty")) == (n_train, seed, "demo") and \
+                sum(1 for _ in (out / "val.jsonl").open()) == n_val:
+            return {k: out / f"{k}.jsonl" if "_" not in k else out / f"{k}.json"
+                    for k in ("train", "val", "train_gt", "val_gt")}
+    return build_synth(out, n=n_train, n_val=n_val, seed=seed, difficulty="demo")
+
+
+def greedy_reward(answers: Path, rows: Path, preset: str = "official") -> float:
+    """Mean Vision-R1 reward (format + recall + precision, at most 3) of an eval's greedy answers."""
+    from megatron_vr1.config.reward import RewardConfig
+    from megatron_vr1.data.readers import iter_parsed, open_rows
+    from megatron_vr1.rewards.score import score_batch
+    from megatron_vr1.rewards.target import target_from_sample
+
+    by_image = {}
+    for i, row in iter_parsed(open_rows(rows)):
+        sample = row.to_sample(f"val-{i}", min_pixels=VAL_PIXELS, max_pixels=VAL_PIXELS)
+        by_image[str(Path(sample.image).resolve())] = target_from_sample(sample)
+    texts, targets = [], []
+    for line in answers.read_text().splitlines():
+        a = json.loads(line)
+        key = str(Path(a["image"]).resolve())
+        if key not in by_image:
+            raise DemoError(f"{answers}: answer for {a['image']} has no row in {rows}")
+        texts.append(a.get("text", ""))  # a failed generation scores as an empty answer
+        targets.append(by_image[key])
+    if len(texts) != len(by_image):
+        raise DemoError(f"{answers}: {len(texts)} answers for {len(by_image)} validation rows")
+    breakdown = score_batch(texts, targets, RewardConfig(preset=preset))
+    return float(sum(r.total for r in breakdown) / max(1, len(breakdown)))
+
+
+def evaluate(name: str, model: Path, data: dict[str, Path], out: Path, *, hf_config: Path | None = None) -> dict:
+    """Greedy eval on the validation split: COCO AP / AP50 (pycocotools-compatible) and the mean reward."""
+    cmd = _cli("eval", "--model", str(model), "--gt", str(data["val_gt"]), "--data", str(data["val"]),
+               "--name", "synth-val", "--out", str(out), "--max-new-tokens", "64", "--batch-size", "50",
+               "--min-pixels", str(VAL_PIXELS), "--max-pixels", str(VAL_PIXELS), "--grid-images", "16")
+    if hf_config is not None:
+        cmd += ["--hf-config", str(hf_config)]
+    run_stage(f"eval {name}", cmd, out.parent / "logs" / f"eval_{name}.log")
+    metrics = json.loads((out / "metrics.json").read_text())["datasets"]["synth-val"]
+    return {"map": float(metrics["AP"]), "ap50": float(metrics["AP50"]),
+            "reward": greedy_reward(out / "synth-val" / "answers.jsonl", data["val"])}
+
+
+# ---- warm start ----------------------------------------------------------------------------------------------
+
+def run_warmstart(*, root: Path = Path("runs/warmstart"), dest: Path = WARMSTART_DIR, sets: tuple[str, ...] = ()) -> dict:
+    """SFT from random init to the warm start (resumable: a rerun continues the SFT run's latest checkpoint)."""
+    t0 = time.time()
+    print(f"megatron-vr1 warmstart: SFT warm start -> {dest}", flush=True)
+    data = build_data(root / "data", n_train=8000, n_val=200, seed=0)
+    init = root / "init"
+    if not (init / "config.json").is_file():
+        run_stage("tiny model", _cli("data", "tiny-model", "--out", str(init), "--preset", "demo", "--seed", "0"),
+                  root / "logs" / "tiny_model.log")
+    run_dir = root / "sft"
+    cmd = _cli("train", "--recipe", "tiny_cpu_warmstart", "--resume", "--set", f"model.hf_path={init}",
+               "--set", f"data.train_path={data['train']}", "--set", f"log.run_dir={run_dir}",
+               "--set", "log.progress=false", *[a for s in sets for a in ("--set", s)])
+    run_stage("SFT", cmd, root / "logs" / "sft.log", watch=run_dir / "metrics.jsonl")
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    from megatron_vr1.checkpoint.layout import resolve
+
+    ckpt = resolve(run_dir / "checkpoints")
+    run_stage("convert to HF", _cli("convert", "mcore-to-hf", "--ckpt", str(ckpt / "model_optim"), "--hf-config",
+                                    str(init), "--out", str(tmp)), root / "logs" / "convert.log")
+    result = evaluate("warmstart", tmp, data, root / "eval")
+    from megatron_vr1.training.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    info = {"steps": records[-1]["step"] if records else 0, "final_nll": records[-1].get("train/nll") if records else None,
+            "val_map": result["map"], "val_ap50": result["ap50"], "val_reward": result["reward"],
+            "recipe": "tiny_cpu_warmstart", "data": "synth demo, 8000 train / 200 val, seed 0",
+            "wall_s_this_invocation": round(time.time() - t0, 1), "command": "make warmstart"}
+    (tmp / "warmstart.json").write_text(json.dumps(info, indent=1) + "\n")
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    print(f"megatron-vr1 warmstart: {dest} (val AP {result['map']:.3f}, AP50 {result['ap50']:.3f}, "
+          f"reward {result['reward']:.3f})", flush=True)
+    return info
+
+
+# ---- the demo --------------------------------------------------------------------------------------------------
+
+def _train(name: str, recipe: str, cfg: DemoConfig, data: dict[str, Path], sets: tuple[str, ...]) -> Path:
+    run_dir = cfg.out / name
+    cmd = _cli("train", "--recipe", recipe, "--no-resume", "--set", f"model.hf_path={cfg.warmstart}",
+               "--set", f"data.train_path={data['train']}", "--set", f"log.run_dir={run_dir}",
+               "--set", f"grpo.time_budget_s={cfg.budget_s}", "--set", "log.progress=false",
+               *[a for s in sets for a in ("--set", s)])
+    run_stage(name, cmd, cfg.out / "logs" / f"{name}.log", watch=run_dir / "metrics.jsonl", budget_s=cfg.budget_s)
+    return run_dir
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """The whole demo; returns (and writes to ``<out>/summary.json``) the summary."""
+    t0 = time.time()
+    if not (cfg.warmstart / "config.json").is_file():
+        raise DemoError(f"no warm start at {cfg.warmstart}: run `make warmstart` (SFT from scratch, ~30-60 min on "
+                        "2 CPU cores) or pass --warmstart DIR")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    print(f"megatron-vr1 demo: GRPO vs continued SFT from {cfg.warmstart}, {cfg.budget_s:.0f} s of training each",
+          flush=True)
+    data = build_data(cfg.out / "data", n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed)
+    start = evaluate("start", cfg.warmstart, data, cfg.out / "eval" / "start")
+    grpo_dir = _train("grpo", "tiny_cpu_demo", cfg, data, cfg.grpo_sets)
+    sft_dir = _train("sft_continued", "tiny_cpu_demo_sft_control", cfg, data, cfg.sft_sets)
+    grpo = evaluate("grpo", grpo_dir / "checkpoints", data, cfg.out / "eval" / "grpo", hf_config=cfg.warmstart)
+    sft = evaluate("sft_continued", sft_dir / "checkpoints", data, cfg.out / "eval" / "sft_continued",
+                   hf_config=cfg.warmstart)
+    summary = {
+        "map_start": start["map"], "map_sft_continued": sft["map"], "map_grpo": grpo["map"],
+        "reward_start": start["reward"], "reward_grpo": grpo["reward"], "reward_sft_continued": sft["reward"],
+        "ap50_start": start["ap50"], "ap50_sft_continued": sft["ap50"], "ap50_grpo": grpo["ap50"],
+        "steps_grpo": _last_step(grpo_dir), "steps_sft_continued": _last_step(sft_dir),
+        "budget_s": cfg.budget_s, "wall_s": round(time.time() - t0, 1),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
+    summary["checks"] = {"grpo_map_gain_ge_0.02": summary["map_grpo"] >= summary["map_start"] + 0.02,
+                         "grpo_reward_up": summary["reward_grpo"] > summary["reward_start"],
+                         "wall_le_1200s": summary["wall_s"] <= 1200,
+                         "grpo_beats_continued_sft": summary["map_grpo"] > summary["map_sft_continued"]}
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_report(cfg.out, summary, grpo_dir, sft_dir)
+    return summary
+
+
+def _last_step(run_dir: Path) -> int:
+    from megatron_vr1.training.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    return int(records[-1]["step"]) if records else 0
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    rows = [("warm start (SFT)", s["map_start"], s["ap50_start"], s["reward_start"], "-"),
+            ("+ continued SFT", s["map_sft_continued"], s["ap50_sft_continued"], s["reward_sft_continued"],
+             s["steps_sft_continued"]),
+            ("+ Vision-R1 GRPO", s["map_grpo"], s["ap50_grpo"], s["reward_grpo"], s["steps_grpo"])]
+    lines = [f"| model | AP | AP50 | greedy reward | steps in {s['budget_s']:.0f} s |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {a:.3f} | {b:.3f} | {r:.3f} | {st} |" for n, a, b, r, st in rows]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, summary: dict[str, Any], grpo_dir: Path, sft_dir: Path) -> None:
+    """table.md, the runs' metric curves (``plot``) and a bar chart of AP / reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_vr1.commands.plot import write_plots
+
+    table = summary_table(summary)
+    (out / "table.md").write_text(table + "\n")
+    write_plots(grpo_dir, out / "plots" / "grpo")
+    write_plots(sft_dir, out / "plots" / "sft_continued")
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    names = ["start", "cont. SFT", "GRPO"]
+    for ax, (key, title) in zip(axes, (("map", "val AP (COCO)"), ("reward", "val greedy reward"))):
+        vals = [summary[f"{key}_start"], summary[f"{key}_sft_continued"], summary[f"{key}_grpo"]]
+        ax.bar(names, vals, color=["#999999", "#4c72b0", "#dd8452"])
+        ax.set_title(title)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "comparison.png", dpi=120)
+    plt.close(fig)
+    print("\n" + table + f"\n\nwall {summary['wall_s']:.0f} s; summary {out / 'summary.json'}; plots {out / 'plots'}",
+          flush=True)
