@@ -29,7 +29,7 @@ import numpy as np
 
 from megatron_vr1.config.reward import RewardRules
 from megatron_vr1.rewards.parse_griffon import parse_griffon
-from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _SCAN_ONCE, _fallback, _items_to_boxes,
+from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _SCAN_ONCE, FALLBACK_RE, _items_to_boxes,
                                              json_loads, loose_format, release_parse_json, strict_format)
 from megatron_vr1.rewards.target import RewardTarget
 
@@ -261,23 +261,32 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
         if fmt_pending[i]:
             format_ok[i] = loose_format(completions[i], bodies[i], objs[i])
         _append(i, arr, lbs, extra_boxes, extra_owner, extra_labels, n_parsed, status)
-    fb_all: list = []  # regex-recovered boxes of every answer that kept none, converted once
-    fb_owner: list[int] = []
-    for i in np.nonzero(n_parsed == 0)[0].tolist():
-        fb_boxes, lbs = _fallback(stripped_all[i])
-        if fb_boxes:
-            fb_all.extend(fb_boxes)
-            fb_owner.extend([i] * len(fb_boxes))
-            extra_labels.extend(lbs)
-            n_parsed[i] = len(fb_boxes)
+    _append_fallback(np.nonzero(n_parsed == 0)[0].tolist(), stripped_all, objs, extra_boxes, extra_owner,
+                     extra_labels, n_parsed, status)
+    return Extracted(boxes=np.concatenate(extra_boxes), owner=np.concatenate(extra_owner), labels=extra_labels,
+                     n_parsed=n_parsed, status=status, format_ok=format_ok)
+
+
+def _append_fallback(answers: list[int], stripped: list[str], objs: list, boxes: list, owner: list,
+                     all_labels: list, n_parsed: np.ndarray, status: list) -> None:
+    """The released regex fallback (``parse_qwen._fallback``) for the answers that kept no box, its
+    matches converted and filtered (x1 < x2, y1 < y2) for all of them at once."""
+    found = [FALLBACK_RE.findall(stripped[i]) for i in answers]
+    matches = [m for ms in found for m in ms]
+    if matches:
+        table = np.array(matches)  # [M, 5] str: 1-4 digit coordinates and the label
+        xy = table[:, :4].astype(np.int64)
+        keep = (xy[:, 0] < xy[:, 2]) & (xy[:, 1] < xy[:, 3])
+        who = np.repeat(answers, [len(ms) for ms in found])[keep]
+        boxes.append(xy[keep].astype(np.float64))
+        owner.append(who)
+        all_labels.extend(m[4] for m, k in zip(matches, keep.tolist()) if k)
+        n_parsed += np.bincount(who, minlength=len(n_parsed))
+    for i in answers:
+        if n_parsed[i]:
             status[i] = "fallback"
         else:
             status[i] = "unparsable" if objs[i] is _FAILED else "empty"
-    if fb_all:
-        extra_boxes.append(np.array(fb_all, dtype=np.float64))
-        extra_owner.append(np.array(fb_owner, dtype=np.int64))
-    return Extracted(boxes=np.concatenate(extra_boxes), owner=np.concatenate(extra_owner), labels=extra_labels,
-                     n_parsed=n_parsed, status=status, format_ok=format_ok)
 
 
 def _spelled_boxes(answers: list[int], bodies: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -61,10 +61,24 @@ def release_parse_json(stripped: str) -> tuple[str, object]:
     body = "\n".join(lines[1:]) if lines[0].startswith("```json") else stripped
     if "```" in body:
         body = body.split("```")[0]
+    if _unclosed(body):
+        return body, _FAILED  # what json.loads would conclude, without decoding most of the text first
     try:
         return body, json_loads(body)
     except (ValueError, StopIteration, RecursionError):
         return body, _FAILED
+
+
+def _unclosed(text: str) -> bool:
+    """True when json.loads(text) must fail because the array or object it opens is never closed: a JSON
+    text starting with "[" (or "{") is valid only if its last non-whitespace character is "]" (or "}").
+    Typical of an answer cut off at the token limit, where decoding would fail only at the very end."""
+    head = text.lstrip(" \t\n\r")[:1]
+    if head == "[":
+        return not text.rstrip(" \t\n\r").endswith("]")
+    if head == "{":
+        return not text.rstrip(" \t\n\r").endswith("}")
+    return False
 
 
 def _items_to_boxes(obj: object, truncate: bool) -> tuple[list, list]:
