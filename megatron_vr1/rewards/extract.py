@@ -169,8 +169,8 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
     # "```json\n<body>\n```" with no other fence and plain "\n" line breaks: the release's parse_json body is
     # stripped[8:-3], and its format check sees the same JSON (see below).
     bodies = [s[8:-3] if f else "" for s, f in zip(stripped_all, fenced)]
-    # Spelled answers (most of them) for the whole batch at once; the strict check needs decoded items.
-    spelled = [] if strict else [i for i, m in enumerate(map(_SPELLED.fullmatch, bodies)) if m is not None]
+    # Spelled answers (most of them), recognised for the whole batch at once.
+    spelled = [i for i, m in enumerate(map(_SPELLED.fullmatch, bodies)) if m is not None]
     objs: list[object] = [_FAILED] * b
     pending_list = [False] * b  # loose format decided by the fast conversion below
     for i in spelled:
@@ -205,7 +205,7 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
     if strict:
         pending_list = [False] * b
         for i, t in enumerate(targets):
-            if usable[i]:
+            if usable[i] and objs[i] is not _SPELLED_ANSWER:  # spelled: checked on their arrays below
                 bx, by = (t.input_width, t.input_height) if absolute else (1000, 1000)
                 format_list[i] = strict_format(stripped_all[i], objs[i], bx, by)
     format_ok = np.array(format_list, dtype=bool)
@@ -243,6 +243,10 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
     owner = np.repeat(np.arange(b)[good], counts[good])
     if spelled:  # integers: no truncation needed; the scorer restores sample order (stable sort)
         sp_flat, sp_owner, sp_labels = _spelled_boxes(spelled, [bodies[i] for i in spelled])
+        if strict:
+            bounds = np.array([(t.input_width, t.input_height) if absolute else (1000, 1000) for t in targets],
+                              dtype=np.float64)
+            format_ok[spelled] = _strict_content(sp_flat, sp_owner, sp_labels, bounds)[spelled]
         flat, owner, labels = np.concatenate((sp_flat, flat)), np.concatenate((sp_owner, owner)), sp_labels + labels
     if truncate and not integral:
         flat = np.trunc(flat)
@@ -287,6 +291,17 @@ def _append_fallback(answers: list[int], stripped: list[str], objs: list, boxes:
             status[i] = "fallback"
         else:
             status[i] = "unparsable" if objs[i] is _FAILED else "empty"
+
+
+def _strict_content(boxes: np.ndarray, owner: np.ndarray, labels: list[str], bounds: np.ndarray) -> np.ndarray:
+    """[B] ``strict_format`` of spelled answers from their arrays (answers without items pass). The
+    template part holds for every spelled answer (a canonical fence, a list of {"bbox_2d", "label"} with
+    4 integers each); left: non-blank labels and 0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H (integers, exact)."""
+    x1, y1, x2, y2 = boxes.T
+    w, h = bounds[owner, 0], bounds[owner, 1]
+    ok = (0 <= x1) & (x1 < x2) & (x2 <= w) & (0 <= y1) & (y1 < y2) & (y2 <= h)
+    ok &= np.fromiter(map(len, map(str.strip, labels)), dtype=np.int64, count=len(labels)) > 0
+    return np.bincount(owner[~ok], minlength=len(bounds)) == 0
 
 
 def _spelled_boxes(answers: list[int], bodies: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
