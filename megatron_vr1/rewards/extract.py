@@ -29,7 +29,7 @@ import numpy as np
 
 from megatron_vr1.config.reward import RewardRules
 from megatron_vr1.rewards.parse_griffon import parse_griffon
-from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _SCAN_ONCE, FALLBACK_RE, _items_to_boxes,
+from megatron_vr1.rewards.parse_qwen import (_FAILED, _FORMAT_STRIP_RE, _SCAN_ONCE, _fallback, _items_to_boxes,
                                              json_loads, loose_format, release_parse_json, strict_format)
 from megatron_vr1.rewards.target import RewardTarget
 
@@ -273,24 +273,24 @@ def extract_batch(completions: Sequence[str], targets: Sequence[RewardTarget], r
 
 def _append_fallback(answers: list[int], stripped: list[str], objs: list, boxes: list, owner: list,
                      all_labels: list, n_parsed: np.ndarray, status: list) -> None:
-    """The released regex fallback (``parse_qwen._fallback``) for the answers that kept no box, its
-    matches converted and filtered (x1 < x2, y1 < y2) for all of them at once."""
-    found = [FALLBACK_RE.findall(stripped[i]) for i in answers]
-    matches = [m for ms in found for m in ms]
-    if matches:
-        table = np.array(matches)  # [M, 5] str: 1-4 digit coordinates and the label
-        xy = table[:, :4].astype(np.int64)
-        keep = (xy[:, 0] < xy[:, 2]) & (xy[:, 1] < xy[:, 3])
-        who = np.repeat(answers, [len(ms) for ms in found])[keep]
-        boxes.append(xy[keep].astype(np.float64))
-        owner.append(who)
-        all_labels.extend(m[4] for m, k in zip(matches, keep.tolist()) if k)
-        n_parsed += np.bincount(who, minlength=len(n_parsed))
+    """The released regex fallback (``parse_qwen._fallback``) for the answers that kept no box; the
+    recovered boxes of all of them converted once. (Converting the matched digit strings with numpy
+    instead of int() was measured 2.5x slower: numpy's str -> int cast is slow.)"""
+    found: list = []
+    found_owner: list[int] = []
     for i in answers:
-        if n_parsed[i]:
+        fb_boxes, labels = _fallback(stripped[i])
+        if fb_boxes:
+            found.extend(fb_boxes)
+            found_owner.extend([i] * len(fb_boxes))
+            all_labels.extend(labels)
+            n_parsed[i] = len(fb_boxes)
             status[i] = "fallback"
         else:
             status[i] = "unparsable" if objs[i] is _FAILED else "empty"
+    if found:
+        boxes.append(np.array(found, dtype=np.float64))
+        owner.append(np.array(found_owner, dtype=np.int64))
 
 
 def _strict_content(boxes: np.ndarray, owner: np.ndarray, labels: list[str], bounds: np.ndarray) -> np.ndarray:
