@@ -18,11 +18,10 @@ box on an image without objects is a false positive. With no boxes, recall = pre
 
 from __future__ import annotations
 
-from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import fields
-from itertools import chain, repeat
+from itertools import repeat
 
 import numpy as np
 
@@ -184,8 +183,7 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     kept = np.bincount(owner, minlength=b)
 
     # ---- rescale model coordinates to original-image pixels: x / input_width * width (release order) ----
-    meta = np.frombuffer(array("d", list(chain.from_iterable([t.meta for t in targets]))), dtype=np.float64)
-    meta = meta.reshape(b, 6)
+    meta = np.frombuffer(b"".join([t.meta for t in targets]), dtype=np.float64).reshape(b, 6)
     n_inst = meta[:, 5]
     n_gt = meta[:, 4].astype(np.int64)
     if rules.output_format == "griffon_text":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -47,8 +48,9 @@ class RewardTarget:
     target_id_maps: Mapping[str, int]
     """Lower-cased label -> id (the released code lower-cases the keys)."""
     gt_labels: tuple[str, ...] = field(default=())
-    meta: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
-    """(width, height, input_width, input_height, n_gt, num_instances): one np.array call per batch."""
+    meta: bytes = bytes(48)
+    """(width, height, input_width, input_height, n_gt, num_instances) as 6 packed float64: a batch's
+    [B, 6] array is one bytes join, no per-number conversion."""
     gt_rows: np.ndarray | None = None
     """[G, 5] float64: the boxes and the class id, built once so that a batch pads one array per side."""
 
@@ -110,7 +112,7 @@ def make_target(*, solution: list | tuple, width: Any, height: Any, input_width:
     return RewardTarget(gt_boxes=gt, gt_class_ids=ids, width=width, height=height, input_width=input_width,
                         input_height=input_height, num_instances=num_instances, target_id_maps=id_map,
                         gt_labels=tuple(labels), gt_rows=np.column_stack((gt, ids.astype(np.float64))),
-                        meta=(width, height, input_width, input_height, len(boxes), num_instances))
+                        meta=array("d", (width, height, input_width, input_height, len(boxes), num_instances)).tobytes())
 
 
 def _shared(id_map: dict[str, int]) -> dict[str, int]:
