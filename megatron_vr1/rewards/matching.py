@@ -1,8 +1,9 @@
 """Box-prioritized one-to-one matching of predictions to ground truth, for a whole batch.
 
-Like the released ``BoxPriorMatcher``, scipy's linear_sum_assignment
-solves every sample with several predictions and several ground truths. A sample with one prediction or
-one ground truth needs no solver: the optimum takes the (first) cheapest partner.
+Like the released ``BoxPriorMatcher``, scipy's linear_sum_assignment solves every sample with several
+predictions and several ground truths, each on its own block (cut from one transposed copy of the batch's
+cost). A sample with one prediction or one ground truth needs no solver: the optimum takes the (first)
+cheapest partner.
 
 A batched proof that the greedy assignment is the unique optimum (each item's strictly cheapest partner,
 no two alike) was measured and dropped: at 64 completions x 10 boxes it costs about as much as the solver
