@@ -40,12 +40,14 @@ _ASCII_BREAKS = ("\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e")
 _FAST_LIMIT = 1e15
 """Numbers beyond this take the exact path (float64 would no longer reproduce int() comparisons)."""
 
-# The answer spelling json.dumps (and the SFT data) produce: integers below _FAST_LIMIT without leading
-# zeros, labels without escapes or control characters. For a body this regex matches in full, json.loads
-# returns exactly a list of {"bbox_2d": [4 ints], "label": <the text between the quotes>}.
+# The item spelling json.dumps (and the SFT data) produce: integers below _FAST_LIMIT without leading
+# zeros, labels without escapes or control characters; any JSON whitespace around the items (Qwen2.5-VL
+# often writes one item per line, "[\n\t{...},\n\t{...}\n]"). For a body this regex matches in full,
+# json.loads returns exactly a list of {"bbox_2d": [4 ints], "label": <the text between the quotes>}.
 _INT = r"-?(?:0|[1-9][0-9]{0,14}+)"
 _ITEM = r'\{"bbox_2d": \[' + ", ".join([_INT] * 4) + r'\], "label": "[^"\\\x00-\x1f]*+"\}'
-_SPELLED = re.compile(r"\[(?:" + _ITEM + r"(?:, " + _ITEM + r")*)?\][ \t\n\r]*")
+_WS = r"[ \t\n\r]*+"
+_SPELLED = re.compile(_WS + r"\[" + _WS + r"(?:" + _ITEM + r"(?:" + _WS + "," + _WS + _ITEM + r")*" + _WS + r")?\]" + _WS)
 _SPELLED_FIELDS = re.compile(r'"bbox_2d": \[([^\]]*)\], "label": "([^"]*)"')
 _LABEL_KEY = '"label": "'
 """Once per item of a spelled body: a label cannot contain a quote."""

@@ -26,6 +26,9 @@ def _answers(rng: random.Random, n: int) -> tuple[list[str], list[dict]]:
                 it["label"] = rng.choice(ODD_LABELS + [it["label"]])
                 it["bbox_2d"][rng.randrange(4)] = rng.choice([0, -3, 999_999_999_999_999, 5000])
             text = "```json\n" + json.dumps(items, ensure_ascii=False) + "\n```"
+        elif text.endswith("```") and rng.random() < 0.3:  # Qwen2.5-VL's layout: one item per line
+            items = [json.dumps(it, ensure_ascii=False) for it in json.loads(text[8:-4])]
+            text = "```json\n[\n\t" + ",\n\t".join(items) + "\n]\n```"
         rows.append(row)
         texts.append(text)
     return texts, rows
@@ -35,7 +38,7 @@ def _respelled(text: str) -> str:
     """The same JSON value without the spaces json.dumps puts after separators: the JSON lane reads it."""
     if not text.endswith("```"):
         return text
-    body = json.dumps(json.loads(text[8:-4]), separators=(",", ":"), ensure_ascii=False)
+    body = json.dumps(json.loads(text.strip()[8:-3]), separators=(",", ":"), ensure_ascii=False)
     return "```json\n" + body + "\n```"
 
 
@@ -62,6 +65,8 @@ def test_spelled_lane_equals_json_lane(preset):
     '[{"bbox_2d": [1.0, 2, 3, 4], "label": "a"}]',
     '[{"label": "a", "bbox_2d": [1, 2, 3, 4]}]',
     '[{"bbox_2d": [1, 2, 3, 4], "label": "a"},]',
+    '[\n\t{"bbox_2d": [1, 2, 3, 4], "label": "a"},\n]',
+    '[{"bbox_2d":[1, 2, 3, 4], "label": "a"}]',
 ])
 def test_near_misses_are_not_spelled(body):
     assert _SPELLED.fullmatch(body) is None
