@@ -19,6 +19,8 @@ class RolloutConfig:
     port: int = 0
     """0 picks a free port."""
     api_key: str = ""
+    max_running_requests: int = 0
+    """A launched server's concurrent requests; 0 = SGLang's default on GPU, 64 on CPU (whole rollout batches)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 512
@@ -32,5 +34,7 @@ class RolloutConfig:
         require(0.0 < self.top_p <= 1.0, "rollout.top_p", self.top_p, "use a value in (0, 1]")
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "use an integer >= 1")
         require(0 <= self.port < 65536, "rollout.port", self.port, "use 0 (free port) or a port number")
+        require(self.max_running_requests >= 0, "rollout.max_running_requests", self.max_running_requests,
+                "use 0 (default) or a positive count")
         require(self.bucket_mb >= 1, "rollout.bucket_mb", self.bucket_mb, "use a positive size in MB")
         require(self.request_timeout_s > 0, "rollout.request_timeout_s", self.request_timeout_s, "use seconds > 0")

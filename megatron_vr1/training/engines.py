@@ -83,6 +83,7 @@ def build_engine(cfg: RunConfig, *, export: Callable[[], Iterable]) -> RolloutEn
         targets = [Endpoint(url=url, api_key=r.api_key) for url in r.server_urls]
     else:
         server = SGLangServer(ServerSpec(model_path=cfg.model.hf_path, host=r.host, port=r.port, api_key=r.api_key,
+                                         max_running_requests=r.max_running_requests,
                                          log_dir=str(Path(cfg.log.run_dir) / "sglang")))
         server.start()
         targets = [server]

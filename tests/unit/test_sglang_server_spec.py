@@ -25,6 +25,9 @@ def test_cpu_launch_is_loopback_with_cpu_engine_and_no_stale_vision_cache(model_
     assert cmd[cmd.index("--device") + 1] == "cpu" and cmd[cmd.index("--dtype") + 1] == "float32"
     assert cmd[cmd.index("--attention-backend") + 1] == "torch_native"
     assert cmd[cmd.index("--api-key") + 1] == "k" and int(cmd[cmd.index("--port") + 1]) == server.port > 0
+    assert cmd[cmd.index("--max-running-requests") + 1] == "64"  # whole rollout batches at once on CPU
+    mine = SGLangServer(ServerSpec(model_path=str(model_dir), device="cpu", max_running_requests=16, python="/x/py"))
+    assert mine.command()[mine.command().index("--max-running-requests") + 1] == "16"
     env = server.environment()
     assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["SGLANG_VLM_CACHE_SIZE_MB"] == "0"
     assert "PYTHONPATH" not in env and env["HF_HUB_OFFLINE"] == "1"
