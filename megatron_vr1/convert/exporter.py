@@ -92,13 +92,15 @@ def _full_shape(shape: tuple[int, ...], kind: str, tp: int) -> tuple[int, ...]:
     return (shape[0] * tp, *shape[1:])
 
 
-def export_hf_tensors(model: torch.nn.Module, hf_config: Any, *, layout: str = "disk") -> Iterator[NamedTensor]:
+def export_hf_tensors(model: torch.nn.Module, hf_config: Any, *, layout: str = "disk",
+                      copy: bool = True) -> Iterator[NamedTensor]:
     """(HF name, full tensor) for every weight of ``model`` (one pipeline-stage chunk, possibly wrapped).
 
     ``hf_config``: the HF config (dict or transformers config) the model was built from; it gives the vocabulary
     to strip padding down to and the head layout. ``layout``: "disk" (``visual.*``, ``model.layers.*``: what
-    safetensors files and SGLang use) or "memory" (transformers 5's ``model.language_model.*``).
-    Collective over the model-parallel group (see the module docstring).
+    safetensors files and SGLang use) or "memory" (transformers 5's ``model.language_model.*``). ``copy=False``:
+    split halves may be views of the model's parameters (no clone); only for a consumer that is done with them
+    before the model changes (the offline writer). Collective over the model-parallel group (see the module docstring).
     """
     if layout not in ("disk", "memory"):
         raise ConversionError(f"layout={layout!r} is invalid: use 'disk' or 'memory'")
@@ -132,19 +134,19 @@ def export_hf_tensors(model: torch.nn.Module, hf_config: Any, *, layout: str = "
                 else:
                     full = full.contiguous()
                 dist.broadcast(full, src=src, group=pp_group)
-            for hf_name, tensor in to_hf(table.entry(item.name), full, arch):
+            for hf_name, tensor in to_hf(table.entry(item.name), full, arch, copy=copy):
                 yield (to_memory_layout(hf_name, arch.has_vision) if layout == "memory" else hf_name), tensor
 
 
-def export_buckets(model: torch.nn.Module, bucket_bytes: int, hf_config: Any, *,
-                   layout: str = "disk") -> Iterator[list[NamedTensor]]:
+def export_buckets(model: torch.nn.Module, bucket_bytes: int, hf_config: Any, *, layout: str = "disk",
+                   copy: bool = True) -> Iterator[list[NamedTensor]]:
     """:func:`export_hf_tensors` grouped into buckets of at most ``bucket_bytes`` (a larger tensor is alone).
     Every transport (disk, tensor/IPC, distributed broadcast) consumes these buckets."""
     if bucket_bytes < 1:
         raise ConversionError(f"bucket_bytes={bucket_bytes} is invalid: use a positive size such as 512 MiB")
     bucket: list[NamedTensor] = []
     size = 0
-    for name, t in export_hf_tensors(model, hf_config, layout=layout):
+    for name, t in export_hf_tensors(model, hf_config, layout=layout, copy=copy):
         nbytes = t.numel() * t.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket

@@ -1,8 +1,10 @@
 """Offline HF -> Megatron: a Hugging Face safetensors checkpoint -> a torch_dist checkpoint loadable at any TP/PP.
 
 One process builds the model at TP=1/PP=1 (torch_dist stores global shapes, so the layout at load time is free)
-with the vocabulary padded for the target ``--tp``, streams the HF tensors into it one table entry at a time
-(each file opened lazily, each tensor read once), and saves. Peak memory is about one copy of the model.
+with the vocabulary padded for the target ``--tp`` and no random init, binds the HF tensors to it one table entry
+at a time and saves. Binding copies only what must change layout (QKV interleave, vocabulary padding, dtype
+casts): other parameters become views of the memory-mapped HF files and gate/up are written from their HF halves,
+so the torch_dist writer reads the page cache directly. Peak memory is at most about one copy of the model.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megatron_vr1.convert.arch import arch_from_config, load_config, padded_vocab
-from megatron_vr1.convert.hf_loader import load_hf_weights
+from megatron_vr1.convert.hf_loader import bind_hf_weights
 from megatron_vr1.convert.mcore_ckpt import save_checkpoint
 from megatron_vr1.convert.safetensors_io import SafetensorsReader
-from megatron_vr1.convert.session import build, check_layout, ensure_parallel, hf_dtype, peak_rss_bytes
+from megatron_vr1.convert.session import (build, check_layout, ensure_parallel, hf_dtype, peak_rss_bytes,
+                                          single_threaded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +52,16 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1,
     ensure_parallel(1, 1)
     model = build(config, dtype, 1, 1, padded)
     start = time.perf_counter()
-    nbytes = load_hf_weights(model, reader, config)
-    reader.close()
     timings: dict[str, float] = {}
-    save_checkpoint(model, out_dir, {"source": str(hf_dir), "padded_vocab": padded, "tp": tp, "pp": pp,
-                                     "dtype": dtype, "format": "torch_dist"}, timings)
+    with single_threaded():
+        # Zero-copy: parameters become views of the mapped HF files where the layout allows, so the save reads the
+        # page cache directly; the model is only ever read from before it is dropped.
+        bound = bind_hf_weights(model, reader, config)
+        reader.close()  # the views keep their mappings alive
+        save_checkpoint(model, out_dir, {"source": str(hf_dir), "padded_vocab": padded, "tp": tp, "pp": pp,
+                                         "dtype": dtype, "format": "torch_dist"}, timings,
+                        row_blocks=bound.row_blocks)
+    nbytes = bound.nbytes
     report = ConvertReport(time.perf_counter() - start, nbytes, peak_rss_bytes(), padded, dtype,
                            timings.get("fsync_seconds", 0.0))
     (Path(out_dir) / "convert_report.json").write_text(json.dumps(asdict(report), indent=2))

@@ -90,16 +90,17 @@ def to_mcore_into(entry: Entry, hf_tensors: list[torch.Tensor], arch: LMArch, ou
         raise ConversionError(f"{entry.mcore}: unknown transform {entry.transform!r}")
 
 
-def to_hf(entry: Entry, full: torch.Tensor, arch: LMArch) -> list[tuple[str, torch.Tensor]]:
-    """The HF (name, tensor) pairs of a full Megatron tensor, vocabulary padding stripped."""
+def to_hf(entry: Entry, full: torch.Tensor, arch: LMArch, copy: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """The HF (name, tensor) pairs of a full Megatron tensor, vocabulary padding stripped. ``copy=False``: the
+    gate/up halves and the vocabulary cut are views of ``full`` (see ``transforms``); QKV is always fresh."""
     if entry.transform == "copy":
         return [(entry.hf[0], full)]
     if entry.transform == "qkv":
         return list(zip(entry.hf, T.split_qkv(full, arch.num_heads, arch.num_kv_heads, arch.head_dim)))
     if entry.transform == "gate_up":
-        return list(zip(entry.hf, T.split_gate_up(full)))
+        return list(zip(entry.hf, T.split_gate_up(full, copy=copy)))
     if entry.transform == "vocab":
-        return [(entry.hf[0], T.strip_vocab(full, arch.vocab_size))]
+        return [(entry.hf[0], T.strip_vocab(full, arch.vocab_size, copy=copy))]
     raise ConversionError(f"{entry.mcore}: unknown transform {entry.transform!r}")
 
 

@@ -17,7 +17,7 @@ from megatron_vr1.convert.hf_to_mcore import ConvertReport
 from megatron_vr1.convert.mcore_ckpt import load_checkpoint
 from megatron_vr1.convert.safetensors_io import ShardedSafetensorsWriter
 from megatron_vr1.convert.session import (build, checkpoint_dtype, checkpoint_padded_vocab, ensure_parallel,
-                                          peak_rss_bytes)
+                                          peak_rss_bytes, single_threaded)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
 
@@ -46,7 +46,9 @@ def write_hf(model, hf_config: dict, ref_dir: Path, out_dir: Path, *, max_shard_
             raise ConversionError(f"{out_dir}: exists and is not empty; choose a new --out directory or delete it")
         shutil.rmtree(tmp, ignore_errors=True)
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-    for bucket in export_buckets(model, bucket_bytes, hf_config):
+    # copy=False: the writer writes gate/up halves and the vocabulary cut straight from the model's memory
+    # (the model does not change until the export is written), instead of cloning ~half the model first.
+    for bucket in export_buckets(model, bucket_bytes, hf_config, copy=False):
         if writer is not None:
             for name, tensor in bucket:
                 writer.add(name, tensor)
@@ -70,6 +72,7 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, hf_config_dir: str | Path, out_dir
     ensure_parallel(1, 1)
     model = build(config, dtype, 1, 1, padded)
     start = time.perf_counter()
-    load_checkpoint(model, ckpt_dir)
-    nbytes = write_hf(model, config, Path(hf_config_dir), Path(out_dir), max_shard_bytes=max_shard_bytes)
+    with single_threaded():
+        load_checkpoint(model, ckpt_dir)
+        nbytes = write_hf(model, config, Path(hf_config_dir), Path(out_dir), max_shard_bytes=max_shard_bytes)
     return ConvertReport(time.perf_counter() - start, nbytes, peak_rss_bytes(), padded, dtype)

@@ -1,5 +1,5 @@
 """Streaming safetensors I/O: a lazy reader (one tensor at a time, opening only the files it needs) and a
-sharded writer (max shard size, HF index json, atomic renames).
+sharded writer (max shard size, HF index json, atomic renames) that writes straight from the tensors' memory.
 
 The reader validates every file header up front (offsets inside the file, a size cap on the header) so that
 a truncated download fails with the tensor's and the file's name before any conversion work.
@@ -16,7 +16,6 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from megatron_vr1.convert.errors import ConversionError
 from megatron_vr1.convert.names import canonical_hf_name
@@ -149,6 +148,55 @@ class SafetensorsReader:
         self._maps.clear()
 
 
+_SAFETENSORS_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
+_SAVE_ORDER = {code: i for i, code in enumerate(["I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8",
+                                                    "BOOL"])}
+"""The order in which safetensors' own serializer lays out dtypes (measured on safetensors 0.8 by save_file)."""
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (uint8 view: numpy has no bfloat16)."""
+    flat = t.reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Write ``tensors`` as one safetensors file, straight from their memory; returns the data bytes.
+
+    The layout is ``safetensors.torch.save_file``'s (tensors ordered by dtype as safetensors orders them, then by
+    name; compact JSON header, ``__metadata__`` first, space-padded to 8 bytes), so the file is byte-identical to
+    save_file's. Unlike save_file it makes no copy: save_file first turns every tensor into a ``bytes`` object
+    (a second copy of the shard in fresh memory, as slow as the write itself on a VM where touching new pages is
+    the bottleneck), and it refuses tensors that share storage, which forced the splits to clone. Views are fine
+    here; a non-contiguous tensor is made contiguous one at a time."""
+    order = sorted(tensors, key=lambda n: (_SAVE_ORDER.get(_SAFETENSORS_DTYPES.get(tensors[n].dtype), 99), n))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        code = _SAFETENSORS_DTYPES.get(t.dtype)
+        if code is None:
+            raise ConversionError(f"{name}: dtype {t.dtype} can't be written to safetensors by this writer; cast it "
+                                  f"to one of {sorted(_SAFETENSORS_DTYPES.values())}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            t = tensors[name].detach().cpu()
+            if t.numel():
+                view = _raw_bytes(t if t.is_contiguous() else t.contiguous())
+                while view:  # write() may write less than asked (signals, huge buffers)
+                    view = view[f.write(view):]
+    return offset
+
+
 class ShardedSafetensorsWriter:
     """Write tensors to ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes`` (a single
     larger tensor gets its own shard) plus ``model.safetensors.index.json``; one shard is written as
@@ -167,18 +215,20 @@ class ShardedSafetensorsWriter:
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` for the current shard. It is written from its own memory when the shard is flushed,
+        so it (a view, possibly) must not change until then."""
         if name in self._pending or any(name in names for _, names in self._shards):
             raise ConversionError(f"{name}: written twice; the exporter produced a duplicate HF name")
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().contiguous()
+        self._pending[name] = tensor.detach()  # a view is fine: written from its memory at the flush
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
         tmp = self.dir / f".tmp-shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tmp, self._pending, metadata={"format": "pt"})
         self._shards.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -9,6 +9,12 @@ the same on-disk format (``__<rank>_<i>.distcp`` files + ``.metadata``), written
 
 Durability is the caller's: the files are not fsynced here, so that ``save_checkpoint`` can fsync the whole
 directory once before its atomic rename (and report that time separately from the write).
+
+Each item is a ``torch.save`` zip, whose writer computes a CRC32 of every byte; ``compute_crc32=False`` leaves
+the CRC fields zero (the tensor bytes are the same). Nothing on the load path reads them: ``torch.load`` does not
+verify CRCs (a flipped data byte loads silently, checked on torch 2.14) and ``direct_load`` reads the raw
+record. On the 1 GB benchmark the CRC was 0.4-0.9 s of a 0.5-1.4 s write (torch.save of the same tensors: 0.7-1.2
+GB/s with it, 2.1 GB/s without). ``unzip -t`` on a stored item would report the zero CRCs.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.futures import Future
 from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
@@ -60,6 +67,10 @@ class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
     """torch_dist save without megatron's async writer process; ``dist_checkpointing.save(...,
     sharded_strategy=InProcessTorchDistSave())``. Loads with megatron's default torch_dist load strategy."""
 
+    def __init__(self, *args, compute_crc32: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compute_crc32 = compute_crc32
+
     def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
         sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
                                                                               self.keep_only_main_replica)
@@ -69,4 +80,9 @@ class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
         # One file per writing rank, as megatron writes with thread_count=1.
         writer = _NoEmptyFilesWriter(str(checkpoint_dir), single_file_per_rank=True, sync_files=False,
                                      thread_count=1)
-        dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+        before = torch.serialization.get_crc32_options()  # a process-wide setting: restored right after
+        torch.serialization.set_crc32_options(self.compute_crc32)
+        try:
+            dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+        finally:
+            torch.serialization.set_crc32_options(before)

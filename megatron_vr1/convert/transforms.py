@@ -1,7 +1,9 @@
 """Named tensor transforms between HF and Megatron layouts. Pure functions on full (unsharded) tensors.
 
-Every split returns fresh tensors (clones), so outputs never share storage: safetensors refuses to save
-aliasing tensors, and a caller may free the fused input right away.
+Every split returns fresh tensors (clones) by default, so outputs never share storage: safetensors' save_file
+refuses aliasing tensors, a live-sync consumer may ship them anywhere, and a caller may free the fused input
+right away. ``copy=False`` returns views instead (gate/up halves and the vocabulary cut are contiguous row
+ranges) for a consumer that writes them out before the input changes, such as the offline exporter.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.cat([gate, up], dim=0)
 
 
-def split_gate_up(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_gate_up`."""
+def split_gate_up(fc1: torch.Tensor, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`fuse_gate_up` (views of ``fc1`` with ``copy=False``)."""
     gate, up = torch.chunk(fc1, 2, dim=0)
-    return gate.clone(), up.clone()
+    return (gate.clone(), up.clone()) if copy else (gate, up)
 
 
 def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
@@ -57,6 +59,8 @@ def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])], dim=0)
 
 
-def strip_vocab(t: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Drop Megatron's padding rows."""
-    return t if t.shape[0] == vocab_size else t[:vocab_size].clone()
+def strip_vocab(t: torch.Tensor, vocab_size: int, copy: bool = True) -> torch.Tensor:
+    """Drop Megatron's padding rows (a view of ``t`` with ``copy=False``)."""
+    if t.shape[0] == vocab_size:
+        return t
+    return t[:vocab_size].clone() if copy else t[:vocab_size]
