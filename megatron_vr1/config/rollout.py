@@ -21,6 +21,9 @@ class RolloutConfig:
     api_key: str = ""
     max_running_requests: int = 0
     """A launched server's concurrent requests; 0 = SGLang's default on GPU, 64 on CPU (whole rollout batches)."""
+    reward_overlap_chunks: int = 2
+    """Generate a step's prompts in this many chunks, scoring each chunk while the next generates; 1 = one
+    generate call (best where each server iteration has a fixed cost, as on CPU)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 512
@@ -36,5 +39,7 @@ class RolloutConfig:
         require(0 <= self.port < 65536, "rollout.port", self.port, "use 0 (free port) or a port number")
         require(self.max_running_requests >= 0, "rollout.max_running_requests", self.max_running_requests,
                 "use 0 (default) or a positive count")
+        require(self.reward_overlap_chunks >= 1, "rollout.reward_overlap_chunks", self.reward_overlap_chunks,
+                "use >= 1")
         require(self.bucket_mb >= 1, "rollout.bucket_mb", self.bucket_mb, "use a positive size in MB")
         require(self.request_timeout_s > 0, "rollout.request_timeout_s", self.request_timeout_s, "use seconds > 0")

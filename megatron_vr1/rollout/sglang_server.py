@@ -33,7 +33,7 @@ CPU_VENV_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
 # The CPU engine of SGLang 0.5.10 (cpu-stack §2b): native torch attention, no CUDA graphs, no grammar backend,
 # a small static KV pool. float32 keeps its logprobs comparable with the trainer's at 1e-4.
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-             "--grammar-backend", "none")
+             "--grammar-backend", "none", "--sleep-on-idle")
 CPU_MAX_RUNNING_REQUESTS = 64
 """On CPU each scheduler iteration has a large fixed cost, so the whole rollout batch should run at once: 32
 completions of the demo's model take 1.5 s with 32 running requests and 16-35 s with 8 (measured, 2 cores)."""

@@ -36,7 +36,7 @@ def rollout_and_score(engine: RolloutEngine, prompts: list[PreparedPrompt], cfg:
 
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.grpo.num_generations)
-    chunk = max(1, len(prompts) // 2)
+    chunk = max(1, -(-len(prompts) // cfg.rollout.reward_overlap_chunks))
     groups, futures = [], []
     for start in range(0, len(prompts), chunk):
         part = prompts[start:start + chunk]
@@ -132,6 +132,7 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                 scalars["rollout/time_s"] = time.time() - t0
             batch = broadcast_object(batch)
             if batch is not None:
+                t_train = time.time()
                 if g.beta > 0:
                     batch.ref_logprobs = policy.logprobs(batch, reference=True)
                 if g.updates_per_batch > 1:
@@ -141,10 +142,9 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                 scalars.update({f"train/{k}": v for k, v in result.metrics.items()},
                                **{"train/grad_norm": result.grad_norm, "train/lr": result.lr})
                 version += 1
-                if rank0:
-                    sync_weights(policy, engine, version, cfg)
-                else:
-                    sync_weights(policy, None, version, cfg)  # the export is collective
+                t_sync = time.time()
+                sync_weights(policy, engine if rank0 else None, version, cfg)  # the export is collective
+                scalars["time/train_s"], scalars["time/sync_s"] = t_sync - t_train, time.time() - t_sync
             scalars["time/step_s"] = elapsed = time.time() - t0
             if batch is not None:
                 scalars["throughput/tokens_per_s"] = float(batch.loss_mask.sum()) / max(elapsed, 1e-9)
