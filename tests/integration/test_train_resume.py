@@ -16,7 +16,7 @@ from helpers import REPO
 from training_data import tiny_hf_dir
 
 pytestmark = pytest.mark.slow
-TIMING = ("time", "time/step_s", "rollout/time_s", "throughput/tokens_per_s")
+TIMING = ("time", "time/step_s", "time/train_s", "time/sync_s", "rollout/time_s", "throughput/tokens_per_s")
 
 
 def _cmd(hf_dir, data, run_dir, *extra):
