@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -128,7 +129,7 @@ def build_data(out: Path, *, n_train: int, n_val: int, seed: int) -> dict[str, P
     if stamp.is_file():
         cfg = json.loads(stamp.read_text())
         if (cfg.get("n"), cfg.get("seed"), cfg.get("difficulty")) == (n_train, seed, "demo") and \
-                sum(1 for _ in (out / "val.jsonl").open()) == n_val:
+                len((out / "val.jsonl").read_text().splitlines()) == n_val:
             return {k: out / f"{k}.jsonl" if "_" not in k else out / f"{k}.json"
                     for k in ("train", "val", "train_gt", "val_gt")}
     return build_synth(out, n=n_train, n_val=n_val, seed=seed, difficulty="demo")
@@ -190,8 +191,6 @@ def run_warmstart(*, root: Path = Path("runs/warmstart"), dest: Path = WARMSTART
     run_stage("SFT", cmd, root / "logs" / "sft.log", watch=run_dir / "metrics.jsonl")
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     from megatron_vr1.checkpoint.layout import resolve
 
@@ -208,8 +207,6 @@ def run_warmstart(*, root: Path = Path("runs/warmstart"), dest: Path = WARMSTART
             "wall_s_this_invocation": round(time.time() - t0, 1), "command": "make warmstart"}
     (tmp / "warmstart.json").write_text(json.dumps(info, indent=1) + "\n")
     if dest.exists():
-        import shutil
-
         shutil.rmtree(dest)
     tmp.rename(dest)
     print(f"megatron-vr1 warmstart: {dest} (val AP {result['map']:.3f}, AP50 {result['ap50']:.3f}, "
