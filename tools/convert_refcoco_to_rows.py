@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Thin wrapper: ``python tools/convert_refcoco_to_rows.py instances.json --refs refs.json --images DIR --out rows.jsonl``."""
+"""Thin wrapper: ``python tools/convert_refcoco_to_rows.py instances.json --refs "refs(unc).p" --images DIR --out rows.jsonl``."""
 import sys
 
 from megatron_vr1.cli import main

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("refcoco", help="RefCOCO refs + COCO instances -> REC rows")
     _convert_common(p, "COCO instances json the refs point into")
-    p.add_argument("--refs", required=True, help="RefCOCO refs as JSON (a list of refs)")
+    p.add_argument("--refs", required=True,
+                   help="RefCOCO refs: the refer toolkit's refs(unc).p / refs(google).p pickle, or the same list "
+                        "as JSON")
     p.add_argument("--split", default=None, help="keep refs of this split only (train, val, testA, ...)")
     p.add_argument("--all-sentences", action="store_true", help="one row per sentence instead of per ref")
     p.set_defaults(_data_run=_refcoco)
@@ -111,15 +114,43 @@ def _odinw(args: argparse.Namespace) -> int:
                                        row_filter=_row_filter(args)), args.out)
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles lists, dicts, strings and numbers only: any class or function reference is refused, so a refs
+    file cannot run code. The refer toolkit's refs pickles (written by Python 2) need nothing else."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it references {module}.{name}; a refs pickle holds only lists, dicts, "
+                                     "strings and numbers")
+
+
+def load_refs(path: str | Path) -> list:
+    """RefCOCO refs as the refer toolkit ships them (``refs(unc).p``, a pickle) or the same list as JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such refs file; pass refs(unc).p / refs(google).p or a JSON list of refs")
+    if p.suffix in (".p", ".pkl", ".pickle"):
+        try:
+            with p.open("rb") as f:
+                refs = _PlainDataUnpickler(f, encoding="utf-8").load()
+        except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, KeyError, IndexError,
+                TypeError) as e:
+            raise ValueError(f"{p}: not a readable refs pickle ({e})") from None
+    else:
+        try:
+            refs = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p}: not valid JSON ({e}); pass the refs pickle or a JSON list of refs") from None
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+        raise ValueError(f"{p}: expected a list of refs (objects with ann_id, image_id, sentences, split), "
+                         f"got {type(refs).__name__}")
+    return refs
+
+
 def _refcoco(args: argparse.Namespace) -> int:
     from megatron_vr1.data.converters import refcoco_rows
 
-    try:
-        refs = json.loads(Path(args.refs).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{args.refs}: not valid JSON ({e.msg}); convert the refs pickle to JSON first") from None
-    return _write(refcoco_rows(args.annotations, refs, args.images, template=args.template, split=args.split,
-                               all_sentences=args.all_sentences), args.out)
+    return _write(refcoco_rows(args.annotations, load_refs(args.refs), args.images, template=args.template,
+                               split=args.split, all_sentences=args.all_sentences), args.out)
 
 
 def _tiny_model(args: argparse.Namespace) -> int:

@@ -143,3 +143,52 @@ def test_category_id_zero_is_refused_with_a_fix(tmp_path):
                                 "categories": [{"id": 0, "name": "pistols"}, {"id": 1, "name": "pistol"}]}))
     with pytest.raises(ValueError, match="annotations_without_background"):
         odinw_grounding_rows(path, tmp_path)
+
+
+def _py2_pickle(value) -> bytes:
+    """``value`` pickled the way Python 2 wrote the refer toolkit's refs(unc).p: protocol 2, str as byte strings."""
+    def enc(v) -> bytes:
+        if isinstance(v, str):
+            b = v.encode("utf-8")
+            return b"U" + bytes([len(b)]) + b  # SHORT_BINSTRING: a Python 2 str
+        if isinstance(v, int):
+            return b"K" + bytes([v])  # BININT1
+        if isinstance(v, list):
+            return b"](" + b"".join(enc(x) for x in v) + b"e"
+        return b"}(" + b"".join(enc(k) + enc(x) for k, x in v.items()) + b"u"
+    return b"\x80\x02" + enc(value) + b"."
+
+
+def test_cli_refcoco_reads_the_refer_toolkit_pickle_and_json(coco, tmp_path, capsys):
+    import pickle
+    from pathlib import Path
+
+    from megatron_vr1.cli import main
+
+    path, _ = coco
+    refs = [{"ref_id": 1, "ann_id": 2, "image_id": 11, "split": "train", "category_id": 1,
+             "sentences": [{"sent": "man on the right", "raw": "Man on the right."}, {"sent": "café sign"}]},
+            {"ref_id": 2, "ann_id": 5, "image_id": 14, "split": "val", "sentences": [{"sent": "red car"}]}]
+    (tmp_path / "refs(unc).p").write_bytes(_py2_pickle(refs))
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    outs = {}
+    for name in ("refs(unc).p", "refs.json"):
+        out = tmp_path / f"rec_{name}.jsonl"
+        assert main(["data", "refcoco", str(path), "--refs", str(tmp_path / name), "--images", str(tmp_path),
+                     "--out", str(out), "--split", "train", "--all-sentences"]) == 0
+        assert check_rows(out).ok
+        outs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert outs["refs(unc).p"] == outs["refs.json"]
+    assert [r["problem"] for r in outs["refs.json"]] == [prompts.rec_prompt("man on the right"),
+                                                          prompts.rec_prompt("café sign")]
+    assert json.loads(outs["refs.json"][0]["solution"]) == [["man on the right", [[30.0, 5.0, 42.3, 35.0]]]]
+    capsys.readouterr()
+    # A pickle that references any class or function is refused (it could run code), in one line.
+    (tmp_path / "evil.p").write_bytes(pickle.dumps([{"ann_id": 2, "path": Path("x")}], protocol=2))
+    (tmp_path / "dict.json").write_text(json.dumps({"refs": refs}))
+    for name, needle in (("evil.p", "references pathlib"), ("dict.json", "expected a list of refs"),
+                         ("missing.p", "no such refs file")):
+        assert main(["data", "refcoco", str(path), "--refs", str(tmp_path / name), "--images", str(tmp_path),
+                     "--out", str(tmp_path / "x.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
