@@ -44,6 +44,7 @@ class RewardRules:
     band_upper: str
     precision_gate: bool
     precision_denominator: str
+    label_rule: str
     format_check: str
     negative_samples: str
     total: str
@@ -63,7 +64,7 @@ PRESETS: dict[str, dict] = {
     "official": dict(
         output_format="qwen_json", coordinates="absolute", coordinate_cast="truncate", iou_kind="giou",
         matching_cost="released", tp_rule="clamp", band_upper="exclusive", precision_gate=False,
-        precision_denominator="matched", format_check="loose", negative_samples="invert_format", total="sum",
+        precision_denominator="matched", label_rule="ignore", format_check="loose", negative_samples="invert_format", total="sum",
         without_step="plain", schedule_unit="step", switch_step=1500, switch_fraction=0.5,
         beginner_tp_threshold=0.5, beginner_recall_band=(0.5, 0.75), beginner_precision_band=(0.5, 0.75),
         # The released code does not tighten recall's band after the switch (spec §2.2).
@@ -72,7 +73,7 @@ PRESETS: dict[str, dict] = {
     "paper": dict(
         output_format="qwen_json", coordinates="absolute", coordinate_cast="float", iou_kind="iou",
         matching_cost="box_only", tp_rule="indicator", band_upper="inclusive", precision_gate=True,
-        precision_denominator="all_predictions", format_check="strict", negative_samples="abstain", total="sum",
+        precision_denominator="all_predictions", label_rule="ignore", format_check="strict", negative_samples="abstain", total="sum",
         without_step="beginner", schedule_unit="fraction", switch_step=1500, switch_fraction=0.5,
         beginner_tp_threshold=0.5, beginner_recall_band=(0.5, 0.75), beginner_precision_band=(0.5, 0.75),
         advanced_tp_threshold=0.75, advanced_recall_band=(0.75, 0.9), advanced_precision_band=(0.75, 0.9),
@@ -88,6 +89,7 @@ _CHOICES: dict[str, tuple] = {
     "tp_rule": ("clamp", "indicator"),
     "band_upper": ("exclusive", "inclusive"),
     "precision_denominator": ("matched", "all_predictions"),
+    "label_rule": ("ignore", "match"),
     "format_check": ("loose", "strict"),
     "negative_samples": ("invert_format", "abstain"),
     "total": ("sum", "mean"),
@@ -118,6 +120,10 @@ class RewardConfig:
     """Paper Eq. 6: zero a matched instance whose overlap is below ξ0 before differentiating it."""
     precision_denominator: Literal["matched", "all_predictions"] | None = None
     """Average over matched pairs (released) or over all predictions (author's EasyR1 port; penalises spam)."""
+    label_rule: Literal["ignore", "match"] | None = None
+    """Labels in the reward value. "ignore" (both presets): only the matching cost sees them. "match" (an
+    extension, not in the paper or code): a matched pair with a wrong label counts as overlap 0, so it is
+    neither a true positive nor precise, as COCO AP scores it. Matching stays box-prioritized."""
     format_check: Literal["loose", "strict"] | None = None
     """"loose": released check (only bbox_2d lists of 4); "strict": template and content (bounds) checks."""
     negative_samples: Literal["invert_format", "abstain"] | None = None

@@ -168,7 +168,8 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     owner = ex.owner
     rows = np.empty((len(owner), 5))
     rows[:, :4] = ex.boxes
-    rows[:, 4] = _class_ids(ex.labels, owner, targets) if rules.matching_cost == "released" else 0.0
+    use_labels = rules.matching_cost == "released" or rules.label_rule == "match"
+    rows[:, 4] = _class_ids(ex.labels, owner, targets) if use_labels else 0.0
     if len(owner) > 1 and not (np.diff(owner) >= 0).all():
         order = np.argsort(owner, kind="stable")
         rows, owner = rows[order], owner[order]
@@ -221,6 +222,9 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     val = np.zeros((b, max(g_max, 1)))
     val[m_sample, m_gt] = overlap[m_pred, m_gt, m_sample]
     n_matched = matched.sum(axis=1)
+    mean_ov = (val * matched).sum(axis=1) / np.maximum(n_matched, 1)  # geometry only, whatever the labels
+    if rules.label_rule == "match":  # a wrong label is a miss, as in COCO AP (unknown labels are class 0)
+        val[m_sample, m_gt] *= pred[4][m_pred, m_sample] == gt[4][m_gt, m_sample]
 
     # ---- criteria ------------------------------------------------------------------------------------
     tp_thr, r_lo, r_hi, p_lo, p_hi = (th[:, i:i + 1] for i in range(5))
@@ -250,7 +254,6 @@ def score_batch(completions: Sequence[str], targets: Sequence[RewardTarget], cfg
     total = fmt + recall + precision
     if rules.total == "mean":
         total = total / 3.0
-    mean_ov = (val * matched).sum(axis=1) / np.maximum(n_matched, 1)
     n_tp = ((val >= tp_thr) & matched).sum(axis=1)
 
     return _records(b, format=fmt.tolist(), recall=recall.tolist(), precision=precision.tolist(),

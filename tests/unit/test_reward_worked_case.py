@@ -108,3 +108,28 @@ def test_fraction_schedule_passed_to_score_batch():
     t = target_from_row(ROW)
     early, late = score_batch([WORKED] * 2, [t] * 2, cfg, [10, 60], schedule=sched)
     assert (early.stage, late.stage) == ("beginner", "advanced")
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_label_rule_match_makes_a_wrong_label_a_miss(preset):
+    """label_rule=match (an extension for tasks where labels are what SFT gets wrong): the person box
+    labelled "car" is still matched by its box, but counts as overlap 0; right labels score as before."""
+    t = target_from_row(ROW)
+    ignore, match = RewardConfig(preset=preset), RewardConfig(preset=preset, label_rule="match")
+    assert ignore.rules().label_rule == "ignore" and match.rules().label_rule == "match"
+    assert score_batch([WORKED], [t], match) == score_batch([WORKED], [t], ignore)
+    relabelled = WORKED.replace('"person"', '"car"')
+    car_only = "```json\n" + '[{"bbox_2d": [206, 55, 382, 149], "label": "car"}]' + "\n```"
+    (wrong,) = score_batch([relabelled], [t], match)
+    (right,) = score_batch([relabelled], [t], ignore)
+    (car,) = score_batch([car_only], [t], match)
+    assert right.recall == 1.0 and wrong.recall == 0.5 and wrong.n_tp == 1 and wrong.n_matched == 2
+    denominator = 3 if preset == "paper" else 2  # paper: all predictions; official: matched pairs
+    assert wrong.precision == pytest.approx(car.precision / denominator, abs=1e-12)  # car_only: 1 pair
+    assert wrong.mean_iou == right.mean_iou  # the logged geometry does not depend on labels
+
+
+def test_label_rule_override_is_validated():
+    assert apply_override(RewardConfig(), "label_rule=match").label_rule == "match"
+    with pytest.raises(ConfigError, match="reward.label_rule"):
+        RewardConfig(label_rule="sometimes")
