@@ -48,6 +48,10 @@ class GRPOConfig:
     is checkpointed. Equal-wall-time comparisons (the demo's GRPO vs continued SFT) use it."""
     overlong_filter: bool = False
     """Mask completions truncated at max_new_tokens out of the loss."""
+    logprob_temperature: Literal["one", "rollout"] = "one"
+    """Score tokens under softmax(logits / T) with T = 1 ("one": the released TRL 0.14 trainer) or T =
+    rollout.temperature ("rollout": the distribution the samples came from, as verl does; SGLang's logprobs are
+    of that distribution too, so the logged train/rollout gap and TIS then compare like with like)."""
 
     def __post_init__(self) -> None:
         require(self.num_generations >= 2 or self.mode == "sft", "grpo.num_generations", self.num_generations,

@@ -30,10 +30,12 @@ class TokenLogprobs:
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, vocab_size: int | None = None,
-                            compute_entropy: bool = True, tp_group=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            compute_entropy: bool = True, tp_group=None,
+                            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) and the entropy of p for vocab-parallel ``logits`` [..., V/TP] and ``targets`` [...].
 
     ``vocab_size``: the real vocabulary; ids at or past it (TP padding) get probability 0. Computed in fp32.
+    ``temperature``: p = softmax(logits / temperature), the distribution a sampler at that temperature draws from.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
@@ -42,6 +44,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, voca
     group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     part = logits.shape[-1]
     start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(part, rank, world)
     valid = None
@@ -77,10 +81,10 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, voca
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *, vocab_size: int | None = None,
-                   compute_entropy: bool = True, tp_group=None) -> TokenLogprobs:
+                   compute_entropy: bool = True, tp_group=None, temperature: float = 1.0) -> TokenLogprobs:
     """``vocab_parallel_logprobs`` masked to the completion tokens (``mask`` [B, S], 1 = scored)."""
     lp, ent = vocab_parallel_logprobs(logits, targets, vocab_size=vocab_size, compute_entropy=compute_entropy,
-                                      tp_group=tp_group)
+                                      tp_group=tp_group, temperature=temperature)
     m = mask.to(lp.dtype)
     return TokenLogprobs(logprobs=lp * m, entropy=(ent * m) if ent is not None else torch.zeros_like(lp), mask=m)
 
@@ -123,7 +127,7 @@ def broadcast_from_last_stage(tensors: list[torch.Tensor] | None, device: torch.
 
 
 def pipelined_token_logprobs(model, micro_batches: Iterable[MicroBatch], *, vocab_size: int | None = None,
-                             compute_entropy: bool = True) -> list[TokenLogprobs]:
+                             compute_entropy: bool = True, temperature: float = 1.0) -> list[TokenLogprobs]:
     """Forward-only pass of ``model`` (one chunk, possibly DDP-wrapped) over ``micro_batches`` with megatron's
     pipeline schedule; the last stage computes masked logprobs / entropy, and every pipeline rank receives them."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -136,7 +140,7 @@ def pipelined_token_logprobs(model, micro_batches: Iterable[MicroBatch], *, voca
 
         def loss_func(output):
             r = token_logprobs(output, mb.targets, mb.loss_mask, vocab_size=vocab_size,
-                               compute_entropy=compute_entropy)
+                               compute_entropy=compute_entropy, temperature=temperature)
             results.append(r)
             zero = output.new_zeros(())
             return zero, {"logprobs": zero.clone()}

@@ -94,6 +94,10 @@ class Policy:
         self.hf_dir = Path(hf_dir or cfg.model.hf_path)
         self.hf_config = load_hf_config(self.hf_dir)
         self.vocab_size = vocab_size_of(self.hf_config)
+        t = cfg.rollout.temperature
+        # SFT's NLL and greedy rollouts (T = 0, no tempered distribution) are scored at T = 1.
+        tempered = cfg.grpo.mode == "grpo" and cfg.grpo.logprob_temperature == "rollout" and t > 0
+        self.logprob_temperature = t if tempered else 1.0
         model = build_loaded_model(self.hf_dir, self.hf_config, cfg)
         bf16 = cfg.model.dtype == "bfloat16"
         self.model = DistributedDataParallel(
@@ -175,7 +179,7 @@ class Policy:
         model.eval()
         groups = self.micro_batches(batch)
         res = pipelined_token_logprobs(model, [mb for _, mb in groups], vocab_size=self.vocab_size,
-                                       compute_entropy=False)
+                                       compute_entropy=False, temperature=self.logprob_temperature)
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         for (rows, _), r in zip(groups, res):
             for i, b in enumerate(rows):
@@ -213,7 +217,8 @@ class Policy:
             length = mb.input_ids.shape[1]
 
             def loss_func(output):
-                r = token_logprobs(output, mb.targets, mb.loss_mask, vocab_size=self.vocab_size)
+                r = token_logprobs(output, mb.targets, mb.loss_mask, vocab_size=self.vocab_size,
+                                   temperature=self.logprob_temperature)
                 loss, metrics = loss_fn(
                     logprobs=r.logprobs, entropy=r.entropy, mask=r.mask,
                     advantages=batch.advantages.index_select(0, torch.tensor(rows)).float(),

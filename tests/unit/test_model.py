@@ -191,6 +191,27 @@ def test_logprobs_entropy_and_grads_equal_transformers(mp):
     assert _rel(emb[:VOCAB], hf_params["model.language_model.embed_tokens.weight"].grad) < 1e-4
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_tempered_logprobs_equal_log_softmax_of_scaled_logits(mp, temperature):
+    """grpo.logprob_temperature=rollout: tokens scored under softmax(logits / T), the sampler's distribution."""
+    from megatron_vr1.models.build import mrope_position_ids
+    from megatron_vr1.training.logprobs import token_logprobs
+
+    hf = tiny_hf_model(0)
+    model = _built(hf)
+    ids, pix, grid = _batch()
+    targets = torch.roll(ids, -1, dims=1)
+    mask = torch.zeros_like(ids)
+    mask[:, -8:-1] = 1
+    with torch.no_grad():
+        out = model(ids, mrope_position_ids(ids, grid, hf.config), None, pixel_values=pix, image_grid_thw=grid)
+        r = token_logprobs(out, targets, mask, vocab_size=VOCAB, temperature=temperature)
+        ref_all = torch.log_softmax(hf_logits(hf, ids, pix, grid).float() / temperature, -1)
+    ref_lp = ref_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+    ref_ent = -(ref_all.exp() * ref_all).sum(-1) * mask
+    assert (r.logprobs - ref_lp).abs().max() < 1e-5 and (r.entropy - ref_ent).abs().max() < 1e-5
+
+
 def test_activation_recompute_gives_same_grads(mp):
     from megatron_vr1.models.build import mrope_position_ids
 
