@@ -6,6 +6,12 @@
 Each ``--gt``/``--data`` pair is one dataset (ODinW-13: thirteen pairs, reported with their average). Writes
 ``metrics.json``, ``detections.json``, ``table.md`` (shaped like the paper's Table 1), ``pr_curves.png`` and
 ``grid_<dataset>.png`` into DIR, plus ``<dataset>/answers.jsonl`` with every raw answer.
+
+Pixel budget: with ``--engine hf`` the in-process processor uses --min/--max-pixels (default: the released eval's
+28*28 .. 12800*28*28). With ``--engine sglang`` the server resizes images with the image processor of the
+checkpoint it serves, which a request cannot change; eval therefore evaluates at that checkpoint's budget (read
+from --model, which must be the served checkpoint) and refuses --min/--max-pixels that differ from it, since boxes
+would otherwise be rescaled from a size the model never saw (tests/integration/test_eval_sglang.py).
 """
 
 from __future__ import annotations
@@ -43,9 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8, help="queries per generate call")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of each dataset")
-    parser.add_argument("--min-pixels", type=int, default=28 * 28)
-    parser.add_argument("--max-pixels", type=int, default=12800 * 28 * 28,
-                        help="image processor budget (the released eval uses 12800*28*28)")
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="image processor budget, lower bound (default: 28*28 with --engine hf; with --engine "
+                             "sglang, the served checkpoint's own value, which is what the server resizes with)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="image processor budget, upper bound (default: 12800*28*28 as in the released eval with "
+                             "--engine hf; with --engine sglang, the served checkpoint's own value)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--model-label", default=None, help="model name in table.md (default: the --model dir name)")
     parser.add_argument("--grid-images", type=int, default=16, help="images in each grid figure")
@@ -60,6 +69,7 @@ def make_engine(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     if args.engine == "hf":
         from megatron_vr1.rollout.hf_engine import HFEngine
 
+        args.min_pixels, args.max_pixels = resolve_pixel_budget(args)
         engine = HFEngine(args.model, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                           max_batch_size=args.batch_size)
         return engine, engine.render_prompt, engine.decode, engine.input_size
@@ -73,9 +83,9 @@ def make_engine(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         if not args.sglang_url:
             raise EngineUnavailable("--engine sglang needs --sglang-url of a running server "
                                     "(start one with `megatron-vr1 serve-rollout`)")
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        processor = _checkpoint_processor(args.model)
+        args.min_pixels, args.max_pixels = resolve_pixel_budget(args, processor.image_processor)
+        input_size = _server_input_size(processor.image_processor)
         engine = SGLangEngine([Endpoint(url=args.sglang_url)], image_pad_id=image_pad_id_of(args.model),
                               max_batch=args.batch_size)
 
@@ -86,9 +96,76 @@ def make_engine(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         def decode(ids: Any) -> str:
             return processor.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-        # The server's own processor decides the input size: it must run with the same --min/--max-pixels.
-        return engine, render, decode, None
+        return engine, render, decode, input_size
     raise EngineUnavailable(f"--engine {args.engine!r} is unknown; use one of {ENGINES}")
+
+
+def _checkpoint_processor(model: str) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model, local_files_only=True)
+
+
+def checkpoint_pixel_budget(image_processor: Any) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a checkpoint's Qwen2-VL image processor as loaded from its files (transformers
+    5 spells them size={shortest_edge, longest_edge}; a Qwen release's preprocessor_config.json sets both)."""
+    size = image_processor.size
+    return int(size["shortest_edge"]), int(size["longest_edge"])
+
+
+def _server_input_size(image_processor: Any):
+    """input_size(image) -> (width, height) the SGLang server feeds the model: SGLang 0.5.10 resizes an image only
+    inside the HF processor it loads from the served checkpoint (no per-request size, no resize of its own for
+    Qwen2.5-VL images), i.e. smart_resize of the image file's size with that processor's factor and budget."""
+    from PIL import Image
+
+    from megatron_vr1.data.image import smart_resize
+
+    min_pixels, max_pixels = checkpoint_pixel_budget(image_processor)
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+
+    def input_size(image: str) -> tuple[int, int]:
+        with Image.open(image) as im:  # reads the header only
+            width, height = im.size
+        h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        return w, h
+
+    return input_size
+
+
+class PixelBudgetMismatch(ValueError):
+    """--min/--max-pixels differ from what the engine will resize images with."""
+
+
+def resolve_pixel_budget(args: argparse.Namespace, served_processor: Any = None) -> tuple[int, int]:
+    """The (min_pixels, max_pixels) the evaluation runs at.
+
+    --engine hf: the flags, else the released eval's 28*28 and 12800*28*28 (the in-process processor is built with
+    them). --engine sglang: the server resizes with the image processor of the checkpoint it serves (``--model``,
+    the same files) and a request cannot change that, so eval uses that budget; a flag that asks for a different
+    one is an error, since boxes would be rescaled from a size the model never saw.
+    """
+    from megatron_vr1.eval.queries import EVAL_MAX_PIXELS, EVAL_MIN_PIXELS
+
+    if args.engine != "sglang":
+        return (EVAL_MIN_PIXELS if args.min_pixels is None else args.min_pixels,
+                EVAL_MAX_PIXELS if args.max_pixels is None else args.max_pixels)
+    if served_processor is None:
+        served_processor = _checkpoint_processor(args.model).image_processor
+    served = checkpoint_pixel_budget(served_processor)
+    asked = (served[0] if args.min_pixels is None else args.min_pixels,
+             served[1] if args.max_pixels is None else args.max_pixels)
+    if asked != served:
+        raise PixelBudgetMismatch(
+            f"--engine sglang: the server resizes images with the image processor of the checkpoint it serves "
+            f"(min_pixels={served[0]}, max_pixels={served[1]} in {args.model}), but --min-pixels/--max-pixels ask "
+            f"for {asked[0]}/{asked[1]}; boxes would be rescaled from a size the model never saw. Drop the flags "
+            f"(or pass --min-pixels {served[0]} --max-pixels {served[1]}), or serve a copy of the checkpoint whose "
+            "processor config sets the budget you want, or use --engine hf.")
+    if args.min_pixels is None or args.max_pixels is None:
+        print(f"megatron-vr1 eval: --engine sglang evaluates at the served checkpoint's pixel budget "
+              f"min_pixels={served[0]} max_pixels={served[1]}", file=sys.stderr, flush=True)
+    return served
 
 
 def _dataset_names(args: argparse.Namespace) -> list[str]:
@@ -148,16 +225,22 @@ def run(args: argparse.Namespace) -> int:
     if len(names) != len(args.gt) or len(set(names)) != len(names):
         return fail(f"--name must be given once per --gt with distinct values, got {names}")
     try:
-        settings = EvalSettings(mode=args.mode, score=args.score, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, limit=args.limit, min_pixels=args.min_pixels,
-                                max_pixels=args.max_pixels)
+        EvalSettings(mode=args.mode, score=args.score, max_new_tokens=args.max_new_tokens,  # fail fast on bad flags
+                     batch_size=args.batch_size, limit=args.limit)
         gts = [validate_ground_truth(load_json_file(p, "ground-truth"), source=str(p)) for p in args.gt]
         for p in args.data:
             if not Path(p).exists():
                 raise EvalDataError(f"--data {p} does not exist")
         args.model = hf_model_dir(args.model, args.hf_config, args.out)
-        engine, render, decode, input_size = make_engine(args)
+        engine, render, decode, input_size = make_engine(args)  # settles args.min_pixels/max_pixels
     except (CocoInputError, EvalDataError, EngineUnavailable, FileNotFoundError, ValueError) as e:
+        return fail(str(e))
+    try:
+        settings = EvalSettings(mode=args.mode, score=args.score, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, limit=args.limit, min_pixels=args.min_pixels,
+                                max_pixels=args.max_pixels)
+    except ValueError as e:
+        engine.close()
         return fail(str(e))
     try:
         return _evaluate_all(args, settings, names, gts, engine, render, decode, input_size)
