@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -78,6 +79,17 @@ def _version() -> str:
     return __version__
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (``kill``, Slurm's scancel and time limit, torchrun tearing down a failed job) exits through
+    SystemExit, so ``finally`` blocks and atexit hooks run: the rollout servers a run launched in their own
+    process group are stopped with it instead of being orphaned. A verb may install its own handler."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def _raise(signum, _frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, _raise)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
@@ -86,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 0
+    _exit_cleanly_on_sigterm()
     try:
         return int(args._run(args) or 0)
     except BrokenPipeError:  # e.g. `megatron-vr1 config show ... | head`

@@ -23,9 +23,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron_vr1.config.reward import RewardConfig
 
 WARMSTART_DIR = Path("assets/warmstart")
+GRPO_RECIPE = "tiny_cpu_demo"
+SFT_RECIPE = "tiny_cpu_demo_sft_control"
 VAL_PIXELS = 56 * 56
 
 
@@ -64,9 +69,17 @@ def run_stage(name: str, cmd: list[str], log_path: Path, *, watch: Path | None =
     t0 = time.time()
     with log_path.open("w") as log, _status(name) as status:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            time.sleep(1.0)
-            status(_watch_line(watch, budget_s, time.time() - t0))
+        try:
+            while proc.poll() is None:
+                time.sleep(1.0)
+                status(_watch_line(watch, budget_s, time.time() - t0))
+        except BaseException:  # Ctrl-C or SIGTERM: SIGTERM lets the stage stop its own rollout server
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
         raise DemoError(f"demo stage {name!r} failed (exit {proc.returncode}); log {log_path}:\n" + "\n".join(tail))
@@ -135,8 +148,9 @@ def build_data(out: Path, *, n_train: int, n_val: int, seed: int) -> dict[str, P
     return build_synth(out, n=n_train, n_val=n_val, seed=seed, difficulty="demo")
 
 
-def greedy_reward(answers: Path, rows: Path, preset: str = "official") -> float:
-    """Mean Vision-R1 reward (format + recall + precision, at most 3) of an eval's greedy answers."""
+def greedy_reward(answers: Path, rows: Path, reward: "RewardConfig | None" = None) -> float:
+    """Mean Vision-R1 reward (format + recall + precision, at most 3) of an eval's greedy answers, under
+    ``reward`` (default: the official preset)."""
     from megatron_vr1.config.reward import RewardConfig
     from megatron_vr1.data.readers import iter_parsed, open_rows
     from megatron_vr1.rewards.score import score_batch
@@ -156,12 +170,14 @@ def greedy_reward(answers: Path, rows: Path, preset: str = "official") -> float:
         targets.append(by_image[key])
     if len(texts) != len(by_image):
         raise DemoError(f"{answers}: {len(texts)} answers for {len(by_image)} validation rows")
-    breakdown = score_batch(texts, targets, RewardConfig(preset=preset))
+    breakdown = score_batch(texts, targets, reward or RewardConfig(preset="official"))
     return float(sum(r.total for r in breakdown) / max(1, len(breakdown)))
 
 
-def evaluate(name: str, model: Path, data: dict[str, Path], out: Path, *, hf_config: Path | None = None) -> dict:
-    """Greedy eval on the validation split: COCO AP / AP50 (pycocotools-compatible) and the mean reward."""
+def evaluate(name: str, model: Path, data: dict[str, Path], out: Path, *, hf_config: Path | None = None,
+             reward: "RewardConfig | None" = None) -> dict:
+    """Greedy eval on the validation split: COCO AP / AP50 (pycocotools-compatible), the mean reward under
+    ``reward`` (the GRPO run's criteria) and under the official preset."""
     cmd = _cli("eval", "--model", str(model), "--gt", str(data["val_gt"]), "--data", str(data["val"]),
                "--name", "synth-val", "--out", str(out), "--max-new-tokens", "64", "--batch-size", "50",
                "--min-pixels", str(VAL_PIXELS), "--max-pixels", str(VAL_PIXELS), "--grid-images", "16")
@@ -169,8 +185,10 @@ def evaluate(name: str, model: Path, data: dict[str, Path], out: Path, *, hf_con
         cmd += ["--hf-config", str(hf_config)]
     run_stage(f"eval {name}", cmd, out.parent / "logs" / f"eval_{name}.log")
     metrics = json.loads((out / "metrics.json").read_text())["datasets"]["synth-val"]
+    answers = out / "synth-val" / "answers.jsonl"
     return {"map": float(metrics["AP"]), "ap50": float(metrics["AP50"]),
-            "reward": greedy_reward(out / "synth-val" / "answers.jsonl", data["val"])}
+            "reward": greedy_reward(answers, data["val"], reward),
+            "reward_official": greedy_reward(answers, data["val"])}
 
 
 # ---- warm start ----------------------------------------------------------------------------------------------
@@ -236,15 +254,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"megatron-vr1 demo: GRPO vs continued SFT from {cfg.warmstart}, {cfg.budget_s:.0f} s of training each",
           flush=True)
     data = build_data(cfg.out / "data", n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed)
-    start = evaluate("start", cfg.warmstart, data, cfg.out / "eval" / "start")
-    grpo_dir = _train("grpo", "tiny_cpu_demo", cfg, data, cfg.grpo_sets)
-    sft_dir = _train("sft_continued", "tiny_cpu_demo_sft_control", cfg, data, cfg.sft_sets)
-    grpo = evaluate("grpo", grpo_dir / "checkpoints", data, cfg.out / "eval" / "grpo", hf_config=cfg.warmstart)
+    from megatron_vr1.config.recipes import load_recipe
+
+    # Every model's greedy answers are scored with the criteria GRPO trains on (and with the official preset).
+    reward = load_recipe(GRPO_RECIPE, cfg.grpo_sets).reward
+    start = evaluate("start", cfg.warmstart, data, cfg.out / "eval" / "start", reward=reward)
+    grpo_dir = _train("grpo", GRPO_RECIPE, cfg, data, cfg.grpo_sets)
+    sft_dir = _train("sft_continued", SFT_RECIPE, cfg, data, cfg.sft_sets)
+    grpo = evaluate("grpo", grpo_dir / "checkpoints", data, cfg.out / "eval" / "grpo", hf_config=cfg.warmstart,
+                    reward=reward)
     sft = evaluate("sft_continued", sft_dir / "checkpoints", data, cfg.out / "eval" / "sft_continued",
-                   hf_config=cfg.warmstart)
+                   hf_config=cfg.warmstart, reward=reward)
     summary = {
         "map_start": start["map"], "map_sft_continued": sft["map"], "map_grpo": grpo["map"],
         "reward_start": start["reward"], "reward_grpo": grpo["reward"], "reward_sft_continued": sft["reward"],
+        "reward_official_start": start["reward_official"], "reward_official_grpo": grpo["reward_official"],
+        "reward_official_sft_continued": sft["reward_official"],
+        "reward_label_rule": reward.rules().label_rule,
         "ap50_start": start["ap50"], "ap50_sft_continued": sft["ap50"], "ap50_grpo": grpo["ap50"],
         "steps_grpo": _last_step(grpo_dir), "steps_sft_continued": _last_step(sft_dir),
         "budget_s": cfg.budget_s, "wall_s": round(time.time() - t0, 1),
@@ -267,12 +293,16 @@ def _last_step(run_dir: Path) -> int:
 
 
 def summary_table(s: dict[str, Any]) -> str:
-    rows = [("warm start (SFT)", s["map_start"], s["ap50_start"], s["reward_start"], "-"),
-            ("+ continued SFT", s["map_sft_continued"], s["ap50_sft_continued"], s["reward_sft_continued"],
-             s["steps_sft_continued"]),
-            ("+ Vision-R1 GRPO", s["map_grpo"], s["ap50_grpo"], s["reward_grpo"], s["steps_grpo"])]
-    lines = [f"| model | AP | AP50 | greedy reward | steps in {s['budget_s']:.0f} s |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {a:.3f} | {b:.3f} | {r:.3f} | {st} |" for n, a, b, r, st in rows]
+    rows = [("warm start (SFT)", "start", "-"), ("+ continued SFT", "sft_continued", s["steps_sft_continued"]),
+            ("+ Vision-R1 GRPO", "grpo", s["steps_grpo"])]
+    rule = s.get("reward_label_rule", "ignore")
+    reward_col = "greedy reward" + (" (labels matched)" if rule == "match" else "")
+    lines = [f"| model | AP | AP50 | {reward_col} | official reward | steps in {s['budget_s']:.0f} s |",
+             "|---|---|---|---|---|---|"]
+    for name, key, steps in rows:
+        official = s.get(f"reward_official_{key}", s[f"reward_{key}"])
+        lines.append(f"| {name} | {s[f'map_{key}']:.3f} | {s[f'ap50_{key}']:.3f} | {s[f'reward_{key}']:.3f} | "
+                     f"{official:.3f} | {steps} |")
     return "\n".join(lines)
 
 

@@ -19,14 +19,17 @@ def test_demo_runs_every_stage_and_writes_the_summary(tmp_path):
 
     small = ("grpo.prompts_per_step=2", "rollout.max_new_tokens=8", "checkpoint.keep_last=1")
     cfg = DemoConfig(out=tmp_path / "demo", warmstart=tiny_hf_dir(tmp_path), budget_s=2.0, n_train=8, n_val=3,
-                     grpo_sets=small + ("rollout.engine=hf", "grpo.num_generations=2"), sft_sets=small)
+                     grpo_sets=small + ("rollout.engine=hf", "grpo.num_generations=2", "reward.label_rule=match"),
+                     sft_sets=small)
     summary = run_demo(cfg)
     on_disk = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     for key in ("map_start", "map_sft_continued", "map_grpo"):
         assert 0.0 <= summary[key] <= 1.0
-    for key in ("reward_start", "reward_grpo"):
-        assert 0.0 <= summary[key] <= 3.0
+    for model in ("start", "grpo", "sft_continued"):
+        # Scored with GRPO's criteria (labels must match) and with the official preset, which ignores labels.
+        assert 0.0 <= summary[f"reward_{model}"] <= summary[f"reward_official_{model}"] <= 3.0
+    assert summary["reward_label_rule"] == "match"
     assert summary["steps_grpo"] >= 1 and summary["steps_sft_continued"] >= 1 and summary["wall_s"] > 0
     assert set(summary["checks"]) == {"grpo_map_gain_ge_0.02", "grpo_reward_up", "wall_le_1200s",
                                       "grpo_beats_continued_sft"}
