@@ -42,7 +42,7 @@ class DemoError(RuntimeError):
 class DemoConfig:
     out: Path = Path("runs/demo")
     warmstart: Path = WARMSTART_DIR
-    budget_s: float = 300.0
+    budget_s: float = 400.0
     """Training seconds given to GRPO, and the same to continued SFT."""
     n_train: int = 4000
     n_val: int = 200
@@ -236,6 +236,8 @@ def run_warmstart(*, root: Path = Path("runs/warmstart"), dest: Path = WARMSTART
 
 def _train(name: str, recipe: str, cfg: DemoConfig, data: dict[str, Path], sets: tuple[str, ...]) -> Path:
     run_dir = cfg.out / name
+    if run_dir.exists():  # the demo's own stage dir: a rerun starts fresh (no stale checkpoints or curves)
+        shutil.rmtree(run_dir)
     cmd = _cli("train", "--recipe", recipe, "--no-resume", "--set", f"model.hf_path={cfg.warmstart}",
                "--set", f"data.train_path={data['train']}", "--set", f"log.run_dir={run_dir}",
                "--set", f"grpo.time_budget_s={cfg.budget_s}", "--set", "log.progress=false",

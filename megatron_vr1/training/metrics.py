@@ -24,6 +24,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:
+            _set_aside_earlier_run(self.run_dir)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -63,6 +65,26 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
         self._file.close()
+
+
+def _set_aside_earlier_run(run_dir: Path) -> None:
+    """A run starting at step 0 in a directory that holds an earlier run's logs (``--no-resume``, or a resume that
+    found no checkpoint) renames them to ``metrics.prevN.jsonl`` / ``tensorboard.prevN``: appending would mix two
+    runs in one curve (and in ``read_metrics``), deleting would lose them."""
+    metrics, board = run_dir / METRICS_FILE, run_dir / "tensorboard"
+    old_metrics = metrics.is_file() and metrics.stat().st_size > 0
+    old_board = board.is_dir() and any(board.iterdir())
+    if not (old_metrics or old_board):
+        return
+    n = 1
+    while (run_dir / f"metrics.prev{n}.jsonl").exists() or (run_dir / f"tensorboard.prev{n}").exists():
+        n += 1
+    if old_metrics:
+        metrics.rename(run_dir / f"metrics.prev{n}.jsonl")
+    if old_board:
+        board.rename(run_dir / f"tensorboard.prev{n}")
+    print(f"{run_dir}: a new run from step 0; the earlier run's logs are kept as metrics.prev{n}.jsonl / "
+          f"tensorboard.prev{n}", flush=True)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

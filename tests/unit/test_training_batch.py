@@ -91,3 +91,23 @@ def test_metrics_logger_jsonl_tensorboard_and_resume_dedup(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\nnot json\n")
     with pytest.raises(ValueError, match="metrics.jsonl line 2"):
         read_metrics(tmp_path)
+
+
+def test_a_fresh_run_sets_an_earlier_runs_logs_aside(tmp_path):
+    """--no-resume into a used run dir: the new run's curve must not mix with the old one (read_metrics used to
+    return the new run's steps 1-2 followed by the old run's step 3), and the old logs are kept, not deleted."""
+    old = MetricsLogger(tmp_path, total_steps=3, tensorboard=True, progress=False)
+    for step in (1, 2, 3):
+        old.log(step, {"reward/total": 0.1})
+    old.close()
+    new = MetricsLogger(tmp_path, total_steps=2, start_step=0, tensorboard=True, progress=False)
+    for step in (1, 2):
+        new.log(step, {"reward/total": 0.9})
+    new.close()
+    assert [(r["step"], r["reward/total"]) for r in read_metrics(tmp_path)] == [(1, 0.9), (2, 0.9)]
+    kept = [json.loads(line) for line in (tmp_path / "metrics.prev1.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 2, 3]
+    assert any((tmp_path / "tensorboard.prev1").iterdir()) and any((tmp_path / "tensorboard").iterdir())
+    third = MetricsLogger(tmp_path, total_steps=1, tensorboard=False, progress=False)
+    third.close()
+    assert (tmp_path / "metrics.prev2.jsonl").is_file()
