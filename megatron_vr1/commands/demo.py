@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run: the demo (default); warmstart: build assets/warmstart by SFT")
     parser.add_argument("--out", default="runs/demo", help="demo output directory (summary.json, plots, runs)")
     parser.add_argument("--warmstart", default="assets/warmstart", help="the warm-start HF checkpoint directory")
-    parser.add_argument("--budget-s", type=float, default=300.0,
+    parser.add_argument("--budget-s", type=float, default=400.0,
                         help="seconds of training for GRPO, and the same for continued SFT")
     parser.add_argument("--n-train", type=int, default=4000, help="synthetic training images")
     parser.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE",

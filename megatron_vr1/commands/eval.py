@@ -17,6 +17,7 @@ would otherwise be rescaled from a size the model never saw (tests/integration/t
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import json
 import sys
@@ -201,6 +202,8 @@ def hf_model_dir(model: str, hf_config: str | None, out: str) -> str:
         raise FileNotFoundError(f"--model {model} is a Megatron checkpoint: pass --hf-config with the HF directory "
                                 "it was trained from (its config, tokenizer and processor files are used)")
     dest = Path(out) / "hf_model"
+    if dest.exists():  # eval's own conversion from an earlier evaluation into this --out: convert afresh
+        shutil.rmtree(dest)
     proc = subprocess.run([sys.executable, "-m", "megatron_vr1.cli", "convert", "mcore-to-hf", "--ckpt", str(ckpt),
                            "--hf-config", hf_config, "--out", str(dest)], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -50,15 +50,20 @@ def qwen25vl_3b_vision_r1() -> RunConfig:
 @recipe
 def tiny_cpu_demo() -> RunConfig:
     """The CPU demo's GRPO run: the ~2M-parameter Qwen2.5-VL warm start on synthetic shapes, SGLang CPU rollout
-    server, official reward. ``make demo`` runs it for a fixed wall time (grpo.time_budget_s)."""
+    server. ``make demo`` runs it for a fixed wall time (grpo.time_budget_s).
+
+    Tuned in docs/demo.md: the official criteria with ``label_rule=match`` (what SFT leaves wrong here is the shape
+    label, which the released reward ignores), 16 prompts x 8 samples per step (fewer were too noisy to move AP),
+    and tokens scored at the sampling temperature (the trainer then matches SGLang's logprobs to ~1e-6).
+    """
     return RunConfig(
         name="tiny_cpu_demo",
         model=ModelConfig(hf_path="assets/warmstart", dtype="float32", transformer_impl="local"),
         parallel=ParallelConfig(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=16),
         rollout=RolloutConfig(temperature=0.7, max_new_tokens=48, bucket_mb=64, reward_overlap_chunks=1),
-        reward=RewardConfig(preset="official"),
-        grpo=GRPOConfig(num_generations=8, prompts_per_step=4, lr=5e-5, beta=0.0, train_steps=100000,
-                        lr_schedule="constant"),
+        reward=RewardConfig(preset="official", label_rule="match"),
+        grpo=GRPOConfig(num_generations=8, prompts_per_step=16, lr=1e-4, beta=0.0, train_steps=100000,
+                        lr_schedule="constant", logprob_temperature="rollout"),
         data=DataConfig(train_path="runs/demo/data/train.jsonl", val_path="runs/demo/data/val.jsonl",
                         val_gt_path="runs/demo/data/val_gt.json", min_pixels=56 * 56, max_pixels=56 * 56),
         checkpoint=CheckpointConfig(save_interval=100000, keep_last=1),

@@ -49,3 +49,8 @@ def test_eval_a_training_checkpoint(tmp_path):
     initial = load_file(next(hf_dir.glob("*.safetensors")))
     assert trained.keys() == initial.keys()
     assert any(not trained[k].equal(initial[k]) for k in trained)  # the SFT steps' weights were evaluated
+
+    # Evaluating again into the same --out (a rerun of `make demo`) replaces eval's own converted copy.
+    again = _cli(*base, "--hf-config", str(hf_dir), "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert load_file(next((out / "hf_model").glob("*.safetensors"))).keys() == trained.keys()

@@ -29,10 +29,9 @@ def test_grpo_steps_with_sglang_rollout(tmp_path):
     sets = [f"model.hf_path={hf_dir}", f"data.train_path={paths['train']}", "rollout.engine=sglang",
             "rollout.sync_transport=tensor", "grpo.train_steps=2", "grpo.num_generations=2", "grpo.prompts_per_step=2",
             "grpo.beta=0.04", "rollout.max_new_tokens=8", f"log.run_dir={run_dir}", "log.progress=false",
-            "checkpoint.save_interval=2",
-            # SGLang reports logprobs of the temperature-scaled distribution and the trainer scores at T=1, so the
-            # engines' parity (the gap below) is defined at T=1 (the demo recipe samples at 0.7).
-            "rollout.temperature=1.0"]
+            "checkpoint.save_interval=2"]
+    # The recipe samples at T=0.7 and scores tokens at that temperature (grpo.logprob_temperature=rollout), the
+    # distribution SGLang reports logprobs of: the engines' parity below holds at the recipe's own temperature.
     env = dict(os.environ, OMP_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "megatron_vr1.cli", "train", "--recipe", "tiny_cpu_demo",
                            *[a for s in sets for a in ("--set", s)]], cwd=REPO, env=env, capture_output=True,
