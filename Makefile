@@ -1,6 +1,6 @@
 # megatron-vr1: two commands do all the set-up.
 #   make demo   the main job: GRPO (real SGLang CPU server) vs continued SFT from the committed SFT warm start
-#               (bootstraps .venv and .venv-sglang first; ~15 min on 2 CPU cores)
+#               (bootstraps .venv and .venv-sglang first; ~17 min on 2 CPU cores)
 #   make test   the test suite (bootstraps .venv and .venv-sglang first)
 # Both are idempotent; a second run skips the installs (a hash of the pins is checked).
 
@@ -12,7 +12,7 @@ TESTS   ?= tests
 .PHONY: all venv sglang-venv demo warmstart test test-unit test-fast clean help
 
 help:
-	@echo "make demo       the CPU demo (main job): GRPO vs continued SFT from the warm start, ~15 min"
+	@echo "make demo       the CPU demo (main job): GRPO vs continued SFT from the warm start, ~17 min"
 	@echo "make warmstart  rebuild the SFT warm start in assets/warmstart from scratch (~1 h on 2 cores)"
 	@echo "make test       the full test suite"
 	@echo "make test-unit  fast CPU unit tests only"

@@ -1,6 +1,6 @@
 """``megatron-vr1 demo [run|warmstart]``: the CPU demo (``make demo``) and its SFT warm start (``make warmstart``).
 
-    megatron-vr1 demo run        GRPO (real SGLang CPU server) vs continued SFT from the warm start, ~15 min
+    megatron-vr1 demo run        GRPO (real SGLang CPU server) vs continued SFT from the warm start, ~17 min
     megatron-vr1 demo warmstart  SFT from random init to the warm start in assets/warmstart (resumable)
 """
 
