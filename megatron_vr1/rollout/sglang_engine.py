@@ -6,6 +6,9 @@
   is restarted (same port), an attached one is waited for; then every registered re-sync hook runs (the weight
   syncer pushes the current weights and version), and only the items without a result are retried. Results
   are keyed by item id, so no completion is counted twice or lost.
+- With several servers, a server under recovery takes no new batches: the failed items are retried at once on
+  the healthy ones while the recovery runs in the background, and ``generate`` returns only after it finished
+  (so the restarted server is back at the current weight version). With one server the retry waits for it.
 - Requests the server aborts (a weight sync pauses generation in "abort" mode) are resubmitted with the same
   id, and so are generated with the new weights: nothing sampled from a half-updated model is kept.
 - Rollout logprobs at ``<|image_pad|>`` tokens are meaningless (SGLang reports the multimodal pad id there) and
@@ -56,7 +59,12 @@ class _Slot:
         self.inflight = 0
         self.epoch = 0
         """Bumped by each recovery, so concurrent failures of one crash recover it once."""
-        self.lock = asyncio.Lock()
+        self.recovery: asyncio.Task | None = None
+        """The running recovery; while set, the slot takes no new batches."""
+        self.lost: BaseException | None = None
+        """Why a recovery failed; a lost server takes no more batches in this generate() call."""
+        self.started: list[asyncio.Task] = []
+        """Every recovery started during this generate() call: awaited (and their errors raised) at its end."""
 
 
 def expand_requests(requests: Sequence[GenerationRequest]) -> list[GenerateItem]:
@@ -127,6 +135,10 @@ class SGLangEngine:
         self.recoveries = 0
         self.inflight = 0
         """Completions sent to a server and not yet answered, over all servers (monitoring, fault tests)."""
+        self.inflight_by_url: dict[str, int] = {ep.url: 0 for ep in self.endpoints}
+        """The same, per server URL."""
+        self.served_by_url: dict[str, int] = {ep.url: 0 for ep in self.endpoints}
+        """Completions kept from each server since the engine was made (load balance, monitoring)."""
 
     # -- RolloutEngine ---------------------------------------------------------------------------------------
     @property
@@ -167,8 +179,26 @@ class SGLangEngine:
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
         batches = [items[i:i + self.max_batch] for i in range(0, len(items), self.max_batch)]
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            await asyncio.gather(*(self._run_batch(session, slots, b, sample_of, results) for b in batches))
+            try:
+                await asyncio.gather(*(self._run_batch(session, slots, b, sample_of, results) for b in batches))
+            finally:
+                # A server recovered in the background is back (restarted, re-synced) before generate returns.
+                started = [t for s in slots for t in s.started]
+                if started:
+                    await asyncio.gather(*started)
         return [[results[f"{req.request_id}-{i}"] for i in range(req.sampling.n)] for req in requests]
+
+    async def _pick(self, slots: list[_Slot]) -> _Slot:
+        """The least-loaded server neither under recovery nor lost; waits for a recovery when every server that
+        is not lost is in one, and raises ServerLost when every server is lost."""
+        while True:
+            ready = [s for s in slots if s.recovery is None and s.lost is None]
+            if ready:
+                return min(ready, key=lambda s: s.inflight)
+            running = {s.recovery for s in slots if s.recovery is not None}
+            if not running:
+                raise ServerLost(f"every server is lost; last error: {slots[-1].lost}") from slots[-1].lost
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
 
     async def _run_batch(self, session, slots, batch, sample_of, results) -> None:
         failures = aborts = 0
@@ -176,10 +206,12 @@ class SGLangEngine:
             todo = [it for it in batch if it.rid not in results]
             if not todo:
                 return
-            slot = min(slots, key=lambda s: s.inflight)
+            slot = await self._pick(slots)
             epoch = slot.epoch
+            url = slot.endpoint.url
             slot.inflight += len(todo)
             self.inflight += len(todo)
+            self.inflight_by_url[url] = self.inflight_by_url.get(url, 0) + len(todo)
             try:
                 outs = await self._post_generate(session, slot.endpoint, todo)
             except SGLangHTTPError as e:
@@ -187,22 +219,27 @@ class SGLangEngine:
                 if not e.retryable or failures >= self.max_attempts:
                     raise
                 log.warning("generate on %s failed (%s); recovering the server and retrying %d items",
-                            slot.endpoint.url, e, len(todo))
-                await self._recover(slot, epoch)
+                            url, e, len(todo))
+                task = self._start_recovery(slot, epoch)
+                if task is not None and not any(s.recovery is None and s.lost is None for s in slots):
+                    await asyncio.wait({task})  # no other server to retry on: wait for this one
                 continue
             finally:
                 slot.inflight -= len(todo)
                 self.inflight -= len(todo)
+                self.inflight_by_url[url] -= len(todo)
             by_id = {str((o.get("meta_info") or {}).get("id")): o for o in outs}
             for it, out in zip(todo, outs):
                 out = by_id.get(it.rid, out)
                 if is_aborted(out):
                     continue  # retried below: a weight sync paused the server in "abort" mode
-                results.setdefault(it.rid, to_completion(it, sample_of[it.rid], out, self.image_pad_id))
+                if it.rid not in results:
+                    results[it.rid] = to_completion(it, sample_of[it.rid], out, self.image_pad_id)
+                    self.served_by_url[url] = self.served_by_url.get(url, 0) + 1
             if any(it.rid not in results for it in todo):
                 aborts += 1
                 if aborts > MAX_ABORT_RETRIES:
-                    raise SGLangHTTPError(f"{slot.endpoint.url} aborted the same requests {aborts} times")
+                    raise SGLangHTTPError(f"{url} aborted the same requests {aborts} times")
                 await asyncio.sleep(0.2)
 
     async def _post_generate(self, session: aiohttp.ClientSession, endpoint: Endpoint,
@@ -226,12 +263,27 @@ class SGLangEngine:
             raise SGLangHTTPError(f"POST {url}: {len(outs)} results for {len(todo)} prompts")
         return outs
 
-    async def _recover(self, slot: _Slot, seen_epoch: int) -> None:
-        async with slot.lock:
-            if slot.epoch != seen_epoch:
-                return  # another batch already recovered it after the same failure
-            await asyncio.to_thread(self.recover_endpoint, slot.server, slot.endpoint)
-            slot.epoch += 1
+    def _start_recovery(self, slot: _Slot, seen_epoch: int) -> asyncio.Task | None:
+        """Recover ``slot`` in the background, once per crash: a failure seen before an already finished
+        recovery (the epoch moved on) or during a running one starts nothing."""
+        if slot.recovery is not None:
+            return slot.recovery
+        if slot.epoch != seen_epoch:
+            return None
+
+        async def recover() -> None:
+            try:
+                await asyncio.to_thread(self.recover_endpoint, slot.server, slot.endpoint)
+            except BaseException as e:
+                slot.lost = e
+                raise
+            finally:
+                slot.epoch += 1
+                slot.recovery = None
+
+        slot.recovery = asyncio.get_running_loop().create_task(recover())
+        slot.started.append(slot.recovery)
+        return slot.recovery
 
     def recover_endpoint(self, server: SGLangServer | None, endpoint: Endpoint) -> None:
         """Bring one server back (restart ours, wait for an attached one), then re-sync its weights."""
