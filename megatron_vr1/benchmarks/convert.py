@@ -36,6 +36,25 @@ zip CRC32 of each torch.save item off (nothing verifies it on load); Megatron ->
 straight into its parameter (no temporaries, no SwiGLU merge) and writes safetensors straight from the model's
 memory (no clones of gate/up, no save_file bytes copy); torch copies run single-threaded (OpenMP barriers stall
 on a busy host). Timings swing 2-4x with the other jobs on this machine; compare only rows from one session.
+
+Where Megatron -> HF spends its time (a later, quieter session; same code; 1 GB bf16, page cache warm; medians of
+3 in-process timings): validate 0.04 s; load 1.0 s, of which the direct reads into the parameters 0.70 s on two
+threads (0.93 s on one) and megatron's planning, sharded-state-dict building and the per-item zip/pickle checks
+0.29 s (spread over many ~0.02-0.1 s pieces); export 0.12 s (the QKV split 0.09 s); safetensors write 0.32-0.42 s
+into the page cache (no fsync on this path: the HF directory is written under ``<out>.tmp`` and renamed, not made
+durable). Building the model (0.19 s) is outside 'seconds'. ``bench convert`` in that session, HEAD interleaved
+with the variant below, 3 runs each: ceiling 1.69 GB/s; Megatron -> HF 1.63 s (0.61 GB/s, 37%) at HEAD.
+
+Tried and not kept (measured in that session): mapping the ``.distcp`` files and pointing whole parameters at
+their records (copy-on-write views, no read into fresh memory). Only records aligned to the element size can be
+viewed as bf16 (torch.save aligns records inside its zip, but the zips sit at arbitrary offsets of the .distcp
+file), which was 0.20 of the 0.99 GB here; the SwiGLU halves (~45% of the bytes) must be one contiguous
+parameter and are read anyway. The extra per-item checks cost what the skipped reads saved: 1.87 s median vs
+1.63 s at HEAD. Doing the per-item checks inside the read threads (to overlap them with the other thread's reads)
+made the reads slower (0.77-0.87 s vs 0.70 s); huge pages (MADV_HUGEPAGE) make first-touching fresh memory
+slower on this VM (1.0-1.2 s vs 0.4-0.5 s per GB). Not tried: a torch_dist writer that aligns every record to
+its element size (then all but the SwiGLU halves could be mapped), or copying records into the output with
+copy_file_range; whether either reaches 50% is unmeasured.
 """
 
 from __future__ import annotations
