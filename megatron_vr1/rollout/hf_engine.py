@@ -151,9 +151,10 @@ class HFEngine:
         return gw * patch, gh * patch
 
     @torch.no_grad()
-    def teacher_forced_logprobs(self, prompt: str, image: str | bytes | None,
-                                completion_token_ids: Sequence[int]) -> list[float]:
-        """Raw log-probabilities of ``completion_token_ids`` after ``prompt`` (one forward pass, no sampling)."""
+    def teacher_forced_logprobs(self, prompt: str, image: str | bytes | None, completion_token_ids: Sequence[int],
+                                temperature: float = 1.0) -> list[float]:
+        """Log-probabilities of ``completion_token_ids`` after ``prompt`` under softmax(logits / temperature) (one
+        forward pass, no sampling): what ``generate`` reports for tokens sampled at that temperature."""
         inputs = self._encode([prompt], [_load_image(image, "teacher_forced")] if image is not None else None)
         completion = torch.tensor([list(completion_token_ids)], dtype=inputs["input_ids"].dtype, device=self.device)
         n_prompt = inputs["input_ids"].shape[1]
@@ -161,7 +162,7 @@ class HFEngine:
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(completion)], dim=1)
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
-        logits = self.model(**inputs, use_cache=False).logits[0, n_prompt - 1:-1].float()
+        logits = self.model(**inputs, use_cache=False).logits[0, n_prompt - 1:-1].float() / temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion[0, :, None])[:, 0]
         return logprobs.tolist()
 
@@ -234,7 +235,9 @@ class HFEngine:
         n_prompt = inputs["input_ids"].shape[1]
         new_tokens = out.sequences[:, n_prompt:]
         raw_logits = torch.stack(out.logits, dim=1).float()  # [B, T, V] unprocessed
-        token_logprobs = torch.log_softmax(raw_logits, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
+        # Logprobs of the distribution sampled from, softmax(logits / T), as SGLang reports them (T = 1 when greedy).
+        scale = 1.0 if greedy else float(sampling.temperature)
+        token_logprobs = torch.log_softmax(raw_logits / scale, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
         completions: list[list[Completion]] = []
         for r_idx, req in enumerate(reqs):
             group = []

@@ -72,6 +72,18 @@ def test_rollout_logprobs_equal_teacher_forced(engine, assets):
     assert all(lp <= 0 for lp in c.logprobs)
 
 
+def test_rollout_logprobs_at_a_temperature_are_of_the_tempered_distribution(engine, assets):
+    """Sampled at T, the reported logprobs are log softmax(logits / T), as SGLang reports them and as the trainer
+    scores tokens with grpo.logprob_temperature=rollout."""
+    r = req(engine, "tt", "Locate every square in the image.", assets["images"][1], temperature=0.6,
+            max_new_tokens=12, seed=5)
+    (c,) = engine.generate([r])[0]
+    np.testing.assert_allclose(c.logprobs, engine.teacher_forced_logprobs(r.prompt, r.image, c.token_ids, 0.6),
+                               atol=1e-4)
+    raw = engine.teacher_forced_logprobs(r.prompt, r.image, c.token_ids)
+    assert max(abs(a - b) for a, b in zip(c.logprobs, raw)) > 1e-3  # not the T=1 values
+
+
 def test_sampling_n_and_seed(engine, assets):
     r = req(engine, "s", "Locate every ring.", assets["images"][0], temperature=1.0, max_new_tokens=8, n=4, seed=11)
     first, second = engine.generate([r])[0], engine.generate([r])[0]
