@@ -12,14 +12,14 @@ import threading
 import time
 
 import pytest
-import torch
 
 import tiny_vl
+from sglang_testkit import build_assets, max_logprob_gap, perturbed, requests_for
 from megatron_vr1.rollout.engine import GenerationRequest, SamplingParams
 from megatron_vr1.rollout.sglang_engine import SGLangEngine, image_pad_id_of
 from megatron_vr1.rollout.sglang_http import Endpoint, SGLangHTTPError, call, weight_version
-from megatron_vr1.rollout.sglang_server import SGLangNotInstalled, SGLangServer, ServerSpec, find_sglang_python
-from megatron_vr1.weight_sync.buckets import MB, iter_safetensors, rebucket
+from megatron_vr1.rollout.sglang_server import SGLangServer, ServerSpec
+from megatron_vr1.weight_sync.buckets import MB, rebucket
 from megatron_vr1.weight_sync.disk import DiskTransport
 from megatron_vr1.weight_sync.distributed import DistributedTransport
 from megatron_vr1.weight_sync.syncer import WeightSyncer
@@ -36,15 +36,7 @@ API_KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    try:
-        find_sglang_python()
-    except SGLangNotInstalled as e:
-        pytest.skip(str(e))
-    root = tmp_path_factory.mktemp("sglang")
-    model_dir = tiny_vl.build(root / "tiny")
-    image = root / "img.png"
-    image.write_bytes(tiny_vl.png_bytes())
-    return {"root": root, "model_dir": model_dir, "image": str(image)}
+    return build_assets(tmp_path_factory.mktemp("sglang"))
 
 
 @pytest.fixture(scope="module")
@@ -72,37 +64,8 @@ def reference(assets):
     return HFEngine(assets["model_dir"])
 
 
-def _requests(image: str, *, n: int = 2, max_new_tokens: int = 6, tag: str = "") -> list[GenerationRequest]:
-    return [
-        GenerationRequest(request_id=f"img{tag}", sample_id="s-img", prompt=tiny_vl.IMAGE_PROMPT, image=image,
-                          sampling=SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, n=n, seed=11)),
-        GenerationRequest(request_id=f"txt{tag}", sample_id="s-txt", prompt=tiny_vl.TEXT_PROMPT,
-                          sampling=SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, n=1, seed=5)),
-    ]
-
-
-def _max_logprob_gap(groups, requests, reference) -> float:
-    gap = 0.0
-    for req, group in zip(requests, groups):
-        for c in group:
-            ref = reference.teacher_forced_logprobs(req.prompt, req.image, c.token_ids)
-            gap = max(gap, max(abs(a - b) for a, b in zip(c.logprobs, ref)))
-    return gap
-
-
-def _perturbed(model_dir, seed: int) -> dict[str, torch.Tensor]:
-    """New weights that visibly move the output distribution (what a training step would do, but larger)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in iter_safetensors(model_dir):
-        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype)
-        out[name] = t + (0.5 * noise * t.float().std().clamp_min(1e-3)).to(t.dtype) if t.ndim > 1 else t
-    out["lm_head.weight"] = out["lm_head.weight"] * 30.0  # sharpen: near-uniform logits would hide differences
-    return out
-
-
 def test_generation_with_image_matches_reference(engine, reference, assets):
-    requests = _requests(assets["image"])
+    requests = requests_for(assets["image"])
     groups = engine.generate(requests)
     assert [[c.request_id for c in g] for g in groups] == [["img-0", "img-1"], ["txt-0"]]
     for g, req in zip(groups, requests):
@@ -110,7 +73,7 @@ def test_generation_with_image_matches_reference(engine, reference, assets):
             assert c.sample_id == req.sample_id and c.finish_reason in ("length", "stop")
             assert len(c.token_ids) == len(c.logprobs) > 0 and c.weight_version == 0
     assert groups[0][0].token_ids != groups[0][1].token_ids  # seeds 11 and 12 sample differently
-    assert _max_logprob_gap(groups, requests, reference) <= TOL
+    assert max_logprob_gap(groups, requests, reference) <= TOL
 
 
 def test_api_key_is_enforced(server):
@@ -127,8 +90,8 @@ def test_transport_changes_outputs_as_the_new_weights_should(transport_name, eng
         "disk": lambda: DiskTransport(root=assets["root"] / "disk", base_model_dir=assets["model_dir"]),
     }
     seed = {"tensor": 1, "distributed": 2, "disk": 3}[transport_name]
-    new = _perturbed(assets["model_dir"], seed)
-    requests = _requests(assets["image"], tag=transport_name)
+    new = perturbed(assets["model_dir"], seed)
+    requests = requests_for(assets["image"], tag=transport_name)
     before = engine.generate(requests)
 
     syncer = WeightSyncer([server.endpoint], transports[transport_name](), device="cpu", engine=engine)
@@ -143,7 +106,7 @@ def test_transport_changes_outputs_as_the_new_weights_should(transport_name, eng
 
     after = engine.generate(requests)
     assert all(c.weight_version == report.version for g in after for c in g)
-    assert _max_logprob_gap(after, requests, reference) <= TOL
+    assert max_logprob_gap(after, requests, reference) <= TOL
     # The same tokens scored by the old and the new server differ: the update took effect everywhere.
     old_tokens = before[1][0]
     rescored = reference.teacher_forced_logprobs(requests[1].prompt, None, old_tokens.token_ids)
@@ -151,7 +114,7 @@ def test_transport_changes_outputs_as_the_new_weights_should(transport_name, eng
 
 
 def test_killed_server_is_restarted_resynced_and_requests_retried(engine, server, reference, assets):
-    new = _perturbed(assets["model_dir"], 4)
+    new = perturbed(assets["model_dir"], 4)
     syncer = WeightSyncer([server.endpoint], TensorTransport(device="cpu"), device="cpu", engine=engine)
     syncer.version = engine.weight_version
     version = syncer.sync(lambda: rebucket(new.items(), 1 * MB)).version
@@ -189,5 +152,5 @@ def test_killed_server_is_restarted_resynced_and_requests_retried(engine, server
     assert sorted(ids) == sorted(f"k{i}-{j}" for i in range(8) for j in range(2))  # none lost, none twice
     assert all(c.weight_version == version for g in groups for c in g)  # re-synced before the retry
     assert weight_version(server.endpoint) == version
-    assert _max_logprob_gap(groups[:2], requests[:2], reference) <= TOL
+    assert max_logprob_gap(groups[:2], requests[:2], reference) <= TOL
     assert time.monotonic() - t0 < server.spec.startup_timeout_s + 300

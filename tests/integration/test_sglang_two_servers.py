@@ -14,14 +14,14 @@ import threading
 import time
 
 import pytest
-import torch
 
 import tiny_vl
+from sglang_testkit import build_assets, max_logprob_gap, perturbed, requests_for
 from megatron_vr1.rollout.engine import GenerationRequest, SamplingParams
 from megatron_vr1.rollout.sglang_engine import SGLangEngine, image_pad_id_of
 from megatron_vr1.rollout.sglang_http import weight_version
-from megatron_vr1.rollout.sglang_server import SGLangNotInstalled, SGLangServer, ServerSpec, find_sglang_python
-from megatron_vr1.weight_sync.buckets import MB, iter_safetensors, rebucket
+from megatron_vr1.rollout.sglang_server import SGLangServer, ServerSpec
+from megatron_vr1.weight_sync.buckets import MB, rebucket
 from megatron_vr1.weight_sync.distributed import DistributedTransport
 from megatron_vr1.weight_sync.syncer import WeightSyncer
 from megatron_vr1.weight_sync.tensor import TensorTransport
@@ -37,15 +37,7 @@ API_KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    try:
-        find_sglang_python()
-    except SGLangNotInstalled as e:
-        pytest.skip(str(e))
-    root = tmp_path_factory.mktemp("sglang2")
-    model_dir = tiny_vl.build(root / "tiny")
-    image = root / "img.png"
-    image.write_bytes(tiny_vl.png_bytes())
-    return {"root": root, "model_dir": model_dir, "image": str(image)}
+    return build_assets(tmp_path_factory.mktemp("sglang2"))
 
 
 @pytest.fixture(scope="module")
@@ -98,34 +90,6 @@ def _one_server_engine(server: SGLangServer, assets) -> SGLangEngine:
                         request_timeout_s=120.0, max_batch=4)
 
 
-def _requests(image: str, *, tag: str, max_new_tokens: int = 6) -> list[GenerationRequest]:
-    return [
-        GenerationRequest(request_id=f"img{tag}", sample_id="s-img", prompt=tiny_vl.IMAGE_PROMPT, image=image,
-                          sampling=SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, n=2, seed=11)),
-        GenerationRequest(request_id=f"txt{tag}", sample_id="s-txt", prompt=tiny_vl.TEXT_PROMPT,
-                          sampling=SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, n=1, seed=5)),
-    ]
-
-
-def _max_logprob_gap(groups, requests, reference) -> float:
-    gap = 0.0
-    for req, group in zip(requests, groups):
-        for c in group:
-            ref = reference.teacher_forced_logprobs(req.prompt, req.image, c.token_ids)
-            gap = max(gap, max(abs(a - b) for a, b in zip(c.logprobs, ref)))
-    return gap
-
-
-def _perturbed(model_dir, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in iter_safetensors(model_dir):
-        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype)
-        out[name] = t + (0.5 * noise * t.float().std().clamp_min(1e-3)).to(t.dtype) if t.ndim > 1 else t
-    out["lm_head.weight"] = out["lm_head.weight"] * 30.0
-    return out
-
-
 def _transport(name: str):
     """tensor: each server gets the same handles; distributed: one gloo group of world size 3 (trainer + both)."""
     return TensorTransport(device="cpu") if name == "tensor" else DistributedTransport(device="cpu", timeout_s=120.0)
@@ -152,12 +116,12 @@ def test_batch_is_spread_over_both_servers_each_completion_once(engine, servers,
     assert all(n > 0 for n in served.values()), f"one server served nothing: {served}"
     assert engine.inflight == 0 and all(v == 0 for v in engine.inflight_by_url.values())
     assert all(c.weight_version == 0 for g in groups for c in g)
-    assert _max_logprob_gap(groups[-1:], requests[-1:], reference) <= TOL
+    assert max_logprob_gap(groups[-1:], requests[-1:], reference) <= TOL
 
 
 @pytest.mark.parametrize("transport_name", ["tensor", "distributed"])
 def test_weight_sync_reaches_both_servers(transport_name, engine, servers, reference, assets):
-    new = _perturbed(assets["model_dir"], {"tensor": 1, "distributed": 2}[transport_name])
+    new = perturbed(assets["model_dir"], {"tensor": 1, "distributed": 2}[transport_name])
     syncer = WeightSyncer([s.endpoint for s in servers], _transport(transport_name), device="cpu", engine=engine)
     syncer.version = engine.weight_version
     try:
@@ -171,11 +135,11 @@ def test_weight_sync_reaches_both_servers(transport_name, engine, servers, refer
     # Each server on its own: same requests, its logprobs equal the reference with the new weights.
     for i, srv in enumerate(servers):
         one = _one_server_engine(srv, assets)
-        requests = _requests(assets["image"], tag=f"{transport_name}{i}")
+        requests = requests_for(assets["image"], tag=f"{transport_name}{i}")
         groups = one.generate(requests)
         assert one.served_by_url[srv.endpoint.url] == 3
         assert all(c.weight_version == report.version for g in groups for c in g)
-        assert _max_logprob_gap(groups, requests, reference) <= TOL, f"server {i} ({srv.endpoint.url})"
+        assert max_logprob_gap(groups, requests, reference) <= TOL, f"server {i} ({srv.endpoint.url})"
 
 
 @pytest.mark.parametrize("transport_name", ["tensor", "distributed"])
@@ -183,7 +147,7 @@ def test_one_of_two_killed_mid_generation_is_restarted_resynced_and_retried(tran
                                                                             reference, assets):
     """tensor re-syncs only the restarted server; distributed rebuilds the gloo group with both servers (the
     restarted one lost its side) and pushes to both."""
-    new = _perturbed(assets["model_dir"], {"tensor": 3, "distributed": 4}[transport_name])
+    new = perturbed(assets["model_dir"], {"tensor": 3, "distributed": 4}[transport_name])
     syncer = WeightSyncer([s.endpoint for s in servers], _transport(transport_name), device="cpu", engine=engine)
     syncer.version = engine.weight_version
     version = syncer.sync(lambda: rebucket(new.items(), 1 * MB)).version
@@ -234,15 +198,15 @@ def test_one_of_two_killed_mid_generation_is_restarted_resynced_and_retried(tran
     assert engine.inflight == 0 and all(v == 0 for v in engine.inflight_by_url.values())
     # The restarted server is back at the current version, with the current weights.
     assert [weight_version(s.endpoint) for s in servers] == [version] * 2
-    assert _max_logprob_gap(groups[:2], requests[:2], reference) <= TOL
+    assert max_logprob_gap(groups[:2], requests[:2], reference) <= TOL
     one = _one_server_engine(victim, assets)
-    check = _requests(assets["image"], tag="after-restart")
+    check = requests_for(assets["image"], tag="after-restart")
     after = one.generate(check)
     assert all(c.weight_version == version for g in after for c in g)
-    assert _max_logprob_gap(after, check, reference) <= TOL
+    assert max_logprob_gap(after, check, reference) <= TOL
     # And the balanced engine still uses both afterwards.
     served_before = dict(engine.served_by_url)
-    more = engine.generate(_requests(assets["image"], tag="after-both") + [
+    more = engine.generate(requests_for(assets["image"], tag="after-both") + [
         GenerationRequest(request_id=f"m{i}", sample_id=f"m{i}", prompt=tiny_vl.TEXT_PROMPT,
                           sampling=SamplingParams(temperature=1.0, max_new_tokens=4, n=1, seed=i)) for i in range(3)])
     assert len(_ids(more)) == 6
