@@ -21,6 +21,11 @@ class RolloutConfig:
     api_key: str = ""
     max_running_requests: int = 0
     """A launched server's concurrent requests; 0 = SGLang's default on GPU, 64 on CPU (whole rollout batches)."""
+    parallel_sampling: Literal["auto", "on", "off"] = "auto"
+    """Send each prompt's G samples as one SGLang request with ``n`` = G (its image is processed and prefilled
+    once) instead of G requests. "auto": on for servers launched here (they are started with the transport it
+    needs, ServerSpec.shm_mm_features), off for attached ``server_urls``; "on" for attached servers started by
+    ``megatron-vr1 serve-rollout`` or with ``--dist-init-addr``."""
     reward_overlap_chunks: int = 2
     """Generate a step's prompts in this many chunks, scoring each chunk while the next generates; 1 = one
     generate call (best where each server iteration has a fixed cost, as on CPU)."""

@@ -154,7 +154,10 @@ class HFEngine:
     def teacher_forced_logprobs(self, prompt: str, image: str | bytes | None, completion_token_ids: Sequence[int],
                                 temperature: float = 1.0) -> list[float]:
         """Log-probabilities of ``completion_token_ids`` after ``prompt`` under softmax(logits / temperature) (one
-        forward pass, no sampling): what ``generate`` reports for tokens sampled at that temperature."""
+        forward pass, no sampling): what ``generate`` reports for tokens sampled at that temperature.
+
+        A completion may contain the image-pad id (the model generated it); it is scored as the plain token it was
+        when generated (``generate``, SGLang), not as a slot for image features."""
         inputs = self._encode([prompt], [_load_image(image, "teacher_forced")] if image is not None else None)
         completion = torch.tensor([list(completion_token_ids)], dtype=inputs["input_ids"].dtype, device=self.device)
         n_prompt = inputs["input_ids"].shape[1]
@@ -162,9 +165,38 @@ class HFEngine:
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(completion)], dim=1)
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+        if "pixel_values" in inputs and bool((completion == self.model.config.image_token_id).any()):
+            inputs = self._embed_prompt_images_only(inputs, n_prompt)
         logits = self.model(**inputs, use_cache=False).logits[0, n_prompt - 1:-1].float() / temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion[0, :, None])[:, 0]
         return logprobs.tolist()
+
+    def _embed_prompt_images_only(self, inputs: dict[str, torch.Tensor], n_prompt: int) -> dict[str, torch.Tensor]:
+        """Model inputs for a prompt with images followed by a completion that contains the image-pad id.
+
+        transformers scatters image features into every image-pad position of ``input_ids`` and raises "Image
+        features and image tokens do not match" when a generated pad makes one too many. Here the features go
+        into the prompt's pad positions only, every other position keeps its token embedding, and the mrope
+        positions come from the token types, which mark the completion as text: the same computation as the
+        model's own forward for a completion without pads."""
+        vl = self.model.model
+        ids = inputs["input_ids"]
+        embeds = vl.get_input_embeddings()(ids)
+        features = vl.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        features = torch.cat(features.pooler_output, dim=0).to(embeds.device, embeds.dtype)
+        is_image = ids == self.model.config.image_token_id
+        is_image[:, n_prompt:] = False
+        if int(is_image.sum()) != features.shape[0]:
+            raise ValueError(f"the prompt has {int(is_image.sum())} image-pad tokens for {features.shape[0]} image "
+                             "features")
+        embeds = embeds.masked_scatter(is_image[..., None], features)
+        types = inputs.get("mm_token_type_ids")
+        if types is None:
+            types = is_image.long()
+        position_ids, _ = vl.get_rope_index(ids, types, image_grid_thw=inputs["image_grid_thw"],
+                                            second_per_grid_ts=inputs.get("second_per_grid_ts"),
+                                            attention_mask=inputs["attention_mask"])
+        return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "position_ids": position_ids}
 
     # ---- weight updates ------------------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ MAX_IMAGE_BYTES = 64 << 20
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateItem:
-    """One completion to generate: a GenerationRequest expanded to a single sample (n == 1)."""
+    """What one /generate entry asks for: a single completion (``n == 1``, the id is ``rid``) or, with SGLang's
+    parallel sampling, ``n`` completions of one prompt whose ids are ``result_ids``."""
 
     rid: str
     prompt: str
@@ -30,6 +31,21 @@ class GenerateItem:
     seed: int | None = None
     return_logprob: bool = True
     ignore_eos: bool = False
+    n: int = 1
+    result_ids: tuple[str, ...] = ()
+    """The ids of the ``n`` completions, in SGLang's output order; empty means ``(rid,)`` (n == 1)."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or (self.n > 1 and len(self.result_ids) != self.n) or (self.n == 1 and self.result_ids
+                                                                              not in ((), (self.rid,))):
+            raise ValueError(f"GenerateItem {self.rid!r}: n={self.n} needs n result ids, got {self.result_ids!r}")
+        if self.n > 1 and self.seed is not None:
+            raise ValueError(f"GenerateItem {self.rid!r}: a seeded request would give {self.n} identical samples "
+                             "under SGLang's parallel sampling; expand it into n seeded items instead")
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return self.result_ids or (self.rid,)
 
 
 def image_field(image: str | bytes | None, *, inline: bool) -> str | None:
@@ -54,9 +70,11 @@ def image_field(image: str | bytes | None, *, inline: bool) -> str | None:
 
 
 def sampling_params(item: GenerateItem) -> dict[str, Any]:
-    """SGLang sampling parameters (sampling/sampling_params.py) of one item; ``n`` is expanded client-side."""
+    """SGLang sampling parameters (sampling/sampling_params.py) of one item."""
     params: dict[str, Any] = {"temperature": item.temperature, "top_p": item.top_p,
                               "max_new_tokens": item.max_new_tokens}
+    if item.n > 1:
+        params["n"] = item.n
     if item.stop:
         params["stop"] = list(item.stop)
     if item.seed is not None:
@@ -74,6 +92,11 @@ def generate_payload(items: list[GenerateItem], *, inline_images: bool = True) -
     """
     if not items:
         raise ValueError("generate_payload needs at least one item")
+    if any(it.n > 1 for it in items):
+        if len(items) != 1:
+            raise ValueError("a parallel-sampling item (n > 1) is sent on its own: SGLang warms the prefix of each "
+                             "prompt of a batch one after the other")
+        return group_payload(items[0], inline_images=inline_images)
     payload: dict[str, Any] = {
         "text": [it.prompt for it in items],
         "rid": [it.rid for it in items],
@@ -84,6 +107,19 @@ def generate_payload(items: list[GenerateItem], *, inline_images: bool = True) -
     images = [image_field(it.image, inline=inline_images) for it in items]
     if any(img is not None for img in images):
         payload["image_data"] = images
+    return payload
+
+
+def group_payload(item: GenerateItem, *, inline_images: bool = True) -> dict[str, Any]:
+    """A single-prompt /generate body with ``n`` samples (SGLang's parallel sampling): the prompt and its image
+    are processed and prefilled once, then ``n`` copies decode from the cached prefix. SGLang answers with a
+    list of ``n`` results in order and its own request ids, so results are matched by position."""
+    # A batch of one: SGLang takes list-valued logprob flags only without n, so return_logprob stays a bool.
+    payload: dict[str, Any] = {"text": [item.prompt], "rid": [item.rid], "sampling_params": [sampling_params(item)],
+                               "return_logprob": item.return_logprob, "stream": False}
+    image = image_field(item.image, inline=inline_images)
+    if image is not None:
+        payload["image_data"] = [image]
     return payload
 
 

@@ -87,8 +87,9 @@ def build_engine(cfg: RunConfig, *, export: Callable[[], Iterable]) -> RolloutEn
                                          log_dir=str(Path(cfg.log.run_dir) / "sglang")))
         server.start()
         targets = [server]
+    parallel = r.parallel_sampling == "on" or (r.parallel_sampling == "auto" and not r.server_urls)
     engine = SGLangEngine(targets, image_pad_id=image_pad_id_of(cfg.model.hf_path),
-                          request_timeout_s=r.request_timeout_s)
+                          request_timeout_s=r.request_timeout_s, parallel_sampling=parallel)
     try:
         device = "cuda" if any(getattr(t, "spec", None) and t.spec.resolved_device() == "cuda" for t in targets) \
             else "cpu"

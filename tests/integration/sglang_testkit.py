@@ -36,6 +36,12 @@ def requests_for(image: str, *, n: int = 2, max_new_tokens: int = 6, tag: str = 
 
 
 def max_logprob_gap(groups, requests, reference) -> float:
+    """The largest |server - reference| logprob over every token of every completion, none skipped.
+
+    SGLang's CPU engine ignores ``sampling_seed`` (it needs --enable-deterministic-inference), so the sampled
+    tokens differ from run to run, and now and then one is ``<|image_pad|>``: the server scores it like any other
+    token, and so must both sides here (issue #7 was the engine overwriting that logprob with 0.0, a gap of
+    -logprob, e.g. 1.04, in one run of a few)."""
     gap = 0.0
     for req, group in zip(requests, groups):
         for c in group:

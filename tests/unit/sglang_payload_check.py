@@ -36,10 +36,14 @@ def check(kind: str, payload: dict, expected: dict) -> str:
     if kind == "generate":
         obj.normalize_batch_and_arguments()
         assert obj.batch_size == len(payload["text"]), obj.batch_size
+        n = obj.parallel_sample_num
+        assert len(obj.sampling_params) == obj.batch_size * n, (len(obj.sampling_params), n)
+        if payload.get("image_data") is not None:
+            assert len(obj.image_data) == obj.batch_size * n, len(obj.image_data)
         for p in obj.sampling_params:
             io_sampling = __import__("sglang.srt.sampling.sampling_params", fromlist=["SamplingParams"])
             io_sampling.SamplingParams(**p).verify(vocab_size=512)
-        return f"batch of {obj.batch_size}"
+        return f"batch of {obj.batch_size}" + (f" x {n} samples" if n > 1 else "")
     if kind == "update_tensor":
         message = MultiprocessingSerializer.deserialize(obj.serialized_named_tensors[0])
         if obj.load_format == "flattened_bucket":

@@ -120,6 +120,25 @@ def test_expanded_image_pads_in_prompt_are_accepted(engine, assets):
     assert a.token_ids == b.token_ids
 
 
+def test_a_generated_image_pad_is_scored_as_a_plain_token(assets):
+    """A completion may contain the image-pad id (the policy generated it). generate() decodes it as a plain token,
+    as SGLang does; teacher forcing after an image prompt scores it the same way instead of raising "Image features
+    and image tokens do not match" (it used to, which made the SGLang parity tests error when a sample hit it)."""
+    eng = HFEngine(assets["a"])
+    pad = eng.model.config.image_token_id
+    prompt, image = eng.render_prompt("Locate every square in the image."), assets["images"][1]
+    with torch.no_grad():  # make the pad id a likely sample: its lm_head row points where the hidden states do
+        logits = eng.model(**eng._encode([prompt], [Image.open(image).convert("RGB")])).logits[0, -1]
+        eng.model.lm_head.weight[pad] = eng.model.lm_head.weight[int(logits.argmax())] * 12.0
+    r = GenerationRequest(request_id="p", sample_id="p", prompt=prompt, image=image,
+                          sampling=SamplingParams(temperature=1.0, max_new_tokens=16, n=8, seed=3))
+    group = eng.generate([r])[0]
+    with_pad = [c for c in group if pad in c.token_ids[:-1]]  # a pad with tokens after it
+    assert with_pad, "no sample generated the image-pad id; raise the lm_head scale"
+    for c in group:
+        np.testing.assert_allclose(c.logprobs, eng.teacher_forced_logprobs(prompt, image, c.token_ids), atol=1e-4)
+
+
 def test_update_weights_matches_an_engine_loaded_with_those_weights(assets):
     """Pushing model B's safetensors (hub names) into an engine holding A makes it produce B's logprobs."""
     from safetensors.torch import load_file

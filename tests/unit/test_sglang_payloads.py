@@ -44,6 +44,9 @@ def _cases(tmp_path: Path) -> tuple[list[dict], dict]:
                           sampling=SamplingParams(temperature=0.0, max_new_tokens=4)),
     ]
     items = expand_requests(requests)
+    unseeded = GenerationRequest(request_id="r2", sample_id="s2", prompt=requests[0].prompt, image=str(png),
+                                 sampling=SamplingParams(temperature=0.7, max_new_tokens=8, n=4))
+    [group] = expand_requests([unseeded], parallel_sampling=True)
     weights = {"lm_head.weight": torch.randn(8, 4), "model.norm.weight": torch.randn(4),
                "visual.merger.mlp.0.bias": torch.randn(6).to(torch.bfloat16)}
     bucket = list(weights.items())
@@ -52,6 +55,7 @@ def _cases(tmp_path: Path) -> tuple[list[dict], dict]:
         {"kind": "generate", "label": "paths", "payload": P.generate_payload(items, inline_images=False)},
         {"kind": "generate", "label": "base64", "payload": P.generate_payload(items, inline_images=True)},
         {"kind": "generate", "label": "text", "payload": P.generate_payload(items[2:], inline_images=True)},
+        {"kind": "generate", "label": "parallel", "payload": P.generate_payload([group], inline_images=True)},
         {"kind": "pause", "payload": P.pause_generation_payload()},
         {"kind": "continue", "payload": P.continue_generation_payload()},
         {"kind": "update_tensor", "label": "flattened",
@@ -91,6 +95,7 @@ def test_every_payload_is_accepted_by_sglang_io_struct(tmp_path):
     assert not failed, failed
     by_label = {(r["kind"], r["label"]): r["detail"] for r in results}
     assert by_label[("generate", "paths")] == "batch of 3"
+    assert by_label[("generate", "parallel")] == "batch of 1 x 4 samples"
     assert by_label[("update_tensor", "flattened")] == "3 tensors equal"
     assert by_label[("update_tensor", "per-tensor")] == "3 tensors equal"
     del alive
@@ -107,6 +112,43 @@ def test_generate_payload_carries_ids_seeds_and_images(tmp_path):
     assert all(s["stop"] == ["x"] for s in payload["sampling_params"])
     assert payload["image_data"][0] == "data:image/png;base64,cG5nLWJ5dGVz"
     assert P.generate_payload(expand_requests([req]), inline_images=False)["image_data"][0] == str(png)
+
+
+def test_parallel_sampling_groups_unseeded_requests_and_expands_seeded_ones(tmp_path):
+    png = tmp_path / "a.png"
+    png.write_bytes(b"png-bytes")
+    unseeded = GenerationRequest(request_id="u", sample_id="s", prompt="p", image=str(png),
+                                 sampling=SamplingParams(n=3, max_new_tokens=5))
+    seeded = GenerationRequest(request_id="k", sample_id="s", prompt="p", sampling=SamplingParams(n=2, seed=4))
+    single = GenerationRequest(request_id="o", sample_id="s", prompt="p")
+    items = expand_requests([unseeded, seeded, single], parallel_sampling=True)
+    assert [(it.rid, it.n, it.ids) for it in items] == [("u", 3, ("u-0", "u-1", "u-2")), ("k-0", 1, ("k-0",)),
+                                                         ("k-1", 1, ("k-1",)), ("o-0", 1, ("o-0",))]
+    assert [it.seed for it in items[1:3]] == [4, 5]  # seeded samples keep one seed each (n copies would be equal)
+    payload = P.generate_payload(items[:1])
+    assert payload["text"] == ["p"] and payload["sampling_params"][0]["n"] == 3 and payload["return_logprob"] is True
+    assert payload["image_data"] == ["data:image/png;base64,cG5nLWJ5dGVz"]
+    # Without parallel sampling every completion is its own item, with the same ids.
+    assert [it.rid for it in expand_requests([unseeded])] == ["u-0", "u-1", "u-2"]
+    with pytest.raises(ValueError, match="sent on its own"):
+        P.generate_payload(items[:2])
+    with pytest.raises(ValueError, match="identical samples"):
+        P.GenerateItem(rid="x", prompt="p", image=None, temperature=1.0, top_p=1.0, max_new_tokens=2, n=2,
+                       result_ids=("x-0", "x-1"), seed=3)
+
+
+def test_still_missing_retries_only_the_completions_without_a_result():
+    from megatron_vr1.rollout.sglang_engine import still_missing
+
+    [group] = expand_requests([GenerationRequest(request_id="g", sample_id="s", prompt="p",
+                                                 sampling=SamplingParams(n=4))], parallel_sampling=True)
+    assert still_missing(group, {}) is group
+    done = {"g-0": object(), "g-2": object()}
+    left = still_missing(group, done)
+    assert (left.n, left.ids) == (2, ("g-1", "g-3"))
+    last = still_missing(group, {**done, "g-1": object()})
+    assert (last.rid, last.n, last.ids) == ("g-3", 1, ("g-3",))
+    assert still_missing(group, {f"g-{i}": object() for i in range(4)}) is None
 
 
 def test_bad_inputs_are_refused_with_the_fix(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_vr1.rollout.sglang_engine import is_aborted, mask_image_pad, to_completion
+from megatron_vr1.rollout.sglang_engine import fill_missing_logprobs, is_aborted, to_completion
 from megatron_vr1.rollout.sglang_payloads import GenerateItem
 from megatron_vr1.weight_sync.buckets import bucket_nbytes, flatten_bucket, rebucket, unflatten_bucket
 
@@ -30,13 +30,15 @@ def test_rebucket_respects_the_size_cap_and_order():
         list(rebucket(tensors, 0))
 
 
-def test_completion_from_sglang_result_masks_image_pad():
+def test_completion_from_sglang_result_keeps_the_servers_logprobs():
+    """A generated <|image_pad|> (12 in the tiny model) keeps its logprob: SGLang scores it like any other token,
+    and overwriting it with 0.0 was the post-sync logprob gap of issue #7."""
     item = GenerateItem(rid="r-0", prompt="p", image=None, temperature=1.0, top_p=1.0, max_new_tokens=3)
     out = {"text": "ab", "output_ids": [5, 12, 7],
            "meta_info": {"id": "r-0", "finish_reason": {"type": "length", "length": 3}, "weight_version": "4",
                          "output_token_logprobs": [[-1.5, 5, None], [-0.1, 12, None], [-2.0, 7, None]]}}
-    c = to_completion(item, "s", out, image_pad_id=12)
-    assert c.token_ids == (5, 12, 7) and c.logprobs == (-1.5, 0.0, -2.0)
+    c = to_completion("r-0", item, "s", out)
+    assert c.token_ids == (5, 12, 7) and c.logprobs == (-1.5, -0.1, -2.0)
     assert c.finish_reason == "length" and c.weight_version == 4 and c.request_id == "r-0"
-    assert mask_image_pad([1, 2], [None, -3.0], None) == [0.0, -3.0]
+    assert fill_missing_logprobs([None, -3.0]) == [0.0, -3.0]
     assert is_aborted({"meta_info": {"finish_reason": {"type": "abort"}}}) and not is_aborted(out)
