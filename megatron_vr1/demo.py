@@ -2,7 +2,7 @@
 
 warmstart: synthetic shapes -> a random tiny Qwen2.5-VL -> SFT (recipe ``tiny_cpu_warmstart``) to a plateau ->
            the HF checkpoint in ``assets/warmstart`` plus ``warmstart.json`` (steps, time, val mAP and reward).
-demo:      the same data (validation images are seeded independently of the training count) ->
+demo:      fresh synthetic images (seed 1; the warm start's were seed 0) ->
            eval of the warm start -> Vision-R1 GRPO with the real SGLang CPU rollout server (``tiny_cpu_demo``) ->
            continued SFT from the same warm start for the same wall time (``tiny_cpu_demo_sft_control``) ->
            eval of both -> table, plots and ``summary.json``.
@@ -46,7 +46,9 @@ class DemoConfig:
     """Training seconds given to GRPO, and the same to continued SFT."""
     n_train: int = 4000
     n_val: int = 200
-    seed: int = 0
+    seed: int = 1
+    """Of the demo's synthetic images. The warm start was trained on seed 0's: GRPO and continued SFT both get
+    images the warm start never saw, as an RL stage gets its own data after SFT."""
     grpo_sets: tuple[str, ...] = ()
     sft_sets: tuple[str, ...] = ()
     """Extra ``--set a.b=c`` overrides for the two runs (tuning sweeps)."""
@@ -136,12 +138,14 @@ def _watch_line(metrics: Path | None, budget_s: float, elapsed: float) -> str:
 
 def build_data(out: Path, *, n_train: int, n_val: int, seed: int) -> dict[str, Path]:
     """The synthetic shapes (``demo`` difficulty); reused when already built with the same settings."""
-    from megatron_vr1.data.synth import build_synth
+    from megatron_vr1.data.synth import DIFFICULTIES, build_synth
 
     stamp = out / "synth_config.json"
     if stamp.is_file():
         cfg = json.loads(stamp.read_text())
+        knobs = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(DIFFICULTIES["demo"]).items()}
         if (cfg.get("n"), cfg.get("seed"), cfg.get("difficulty")) == (n_train, seed, "demo") and \
+                all(cfg.get(k) == v for k, v in knobs.items()) and \
                 len((out / "val.jsonl").read_text().splitlines()) == n_val:
             return {k: out / f"{k}.jsonl" if "_" not in k else out / f"{k}.json"
                     for k in ("train", "val", "train_gt", "val_gt")}
@@ -184,11 +188,16 @@ def evaluate(name: str, model: Path, data: dict[str, Path], out: Path, *, hf_con
     if hf_config is not None:
         cmd += ["--hf-config", str(hf_config)]
     run_stage(f"eval {name}", cmd, out.parent / "logs" / f"eval_{name}.log")
+    from megatron_vr1.eval.localization import localization_stats
+
     metrics = json.loads((out / "metrics.json").read_text())["datasets"]["synth-val"]
     answers = out / "synth-val" / "answers.jsonl"
-    return {"map": float(metrics["AP"]), "ap50": float(metrics["AP50"]),
+    loc = localization_stats(json.loads(data["val_gt"].read_text()),
+                             json.loads((out / "synth-val" / "detections.json").read_text()))
+    return {"map": float(metrics["AP"]), "ap50": float(metrics["AP50"]), "ap75": float(metrics["AP75"]),
             "reward": greedy_reward(answers, data["val"], reward),
-            "reward_official": greedy_reward(answers, data["val"])}
+            "reward_official": greedy_reward(answers, data["val"]),
+            "localization": {k: round(v, 4) for k, v in loc.items()}}
 
 
 # ---- warm start ----------------------------------------------------------------------------------------------
@@ -221,6 +230,7 @@ def run_warmstart(*, root: Path = Path("runs/warmstart"), dest: Path = WARMSTART
     records = read_metrics(run_dir)
     info = {"steps": records[-1]["step"] if records else 0, "final_nll": records[-1].get("train/nll") if records else None,
             "val_map": result["map"], "val_ap50": result["ap50"], "val_reward": result["reward"],
+            "val_localization": result["localization"],
             "recipe": "tiny_cpu_warmstart", "data": "synth demo, 8000 train / 200 val, seed 0",
             "wall_s_this_invocation": round(time.time() - t0, 1), "command": "make warmstart"}
     (tmp / "warmstart.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -274,6 +284,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "reward_official_sft_continued": sft["reward_official"],
         "reward_label_rule": reward.rules().label_rule,
         "ap50_start": start["ap50"], "ap50_sft_continued": sft["ap50"], "ap50_grpo": grpo["ap50"],
+        "ap75_start": start["ap75"], "ap75_sft_continued": sft["ap75"], "ap75_grpo": grpo["ap75"],
+        # Matched-box IoU and label accuracy (eval/localization.py): what each stage changed besides AP.
+        "localization_start": start["localization"], "localization_sft_continued": sft["localization"],
+        "localization_grpo": grpo["localization"],
         "steps_grpo": _last_step(grpo_dir), "steps_sft_continued": _last_step(sft_dir),
         "budget_s": cfg.budget_s, "wall_s": round(time.time() - t0, 1),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
@@ -299,13 +313,20 @@ def summary_table(s: dict[str, Any]) -> str:
             ("+ Vision-R1 GRPO", "grpo", s["steps_grpo"])]
     rule = s.get("reward_label_rule", "ignore")
     reward_col = "greedy reward" + (" (labels matched)" if rule == "match" else "")
-    lines = [f"| model | AP | AP50 | {reward_col} | official reward | steps in {s['budget_s']:.0f} s |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| model | AP | AP50 | AP75 | mean IoU | IoU >= 0.75 | label acc. | {reward_col} | official reward | "
+             f"steps in {s['budget_s']:.0f} s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, key, steps in rows:
         official = s.get(f"reward_official_{key}", s[f"reward_{key}"])
-        lines.append(f"| {name} | {s[f'map_{key}']:.3f} | {s[f'ap50_{key}']:.3f} | {s[f'reward_{key}']:.3f} | "
-                     f"{official:.3f} | {steps} |")
+        loc = s.get(f"localization_{key}", {})
+        cells = [f"{s[f'map_{key}']:.3f}", f"{s[f'ap50_{key}']:.3f}", _fmt(s.get(f"ap75_{key}")),
+                 _fmt(loc.get("mean_iou")), _fmt(loc.get("iou_ge_75")), _fmt(loc.get("label_acc")),
+                 f"{s[f'reward_{key}']:.3f}", f"{official:.3f}", str(steps)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def write_report(out: Path, summary: dict[str, Any], grpo_dir: Path, sft_dir: Path) -> None:

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, required=True, help="training images (val gets n/10 unless --n-val)")
     p.add_argument("--n-val", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--difficulty", default="demo", help="demo | labels | easy | medium | hard")
+    p.add_argument("--difficulty", default="demo", help="demo | shapes | labels | easy | medium | hard")
     p.add_argument("--template", choices=["qwen25vl", "griffon"], default="qwen25vl")
     p.set_defaults(_data_run=_synth)
 

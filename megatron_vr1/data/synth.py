@@ -41,6 +41,8 @@ class SynthConfig:
     num_colors: int = 4
     color_labels: bool = False
     """Labels are "<colour> <shape>" (num_shapes * num_colors categories) instead of the shape."""
+    class_colors: bool = False
+    """Every shape of category k is drawn in colour k (needs num_colors >= num_shapes) instead of a random one."""
     min_size: float = 0.25
     max_size: float = 0.45
     """Object side as a fraction of the image side."""
@@ -62,6 +64,8 @@ class SynthConfig:
             (1 <= self.num_colors <= len(COLORS), "num_colors", f"use 1..{len(COLORS)}"),
             (0 < self.min_size <= self.max_size <= 1, "min_size", "use 0 < min_size <= max_size <= 1"),
             (self.grid >= 1 and 0 <= self.max_overlap < 1, "grid", "use grid >= 1 and 0 <= max_overlap < 1"),
+            (not self.class_colors or (self.num_colors >= self.num_shapes and not self.color_labels), "class_colors",
+             "use num_colors >= num_shapes and color_labels=False (one colour names one shape)"),
         ]
         for ok, name, fix in checks:
             if not ok:
@@ -76,7 +80,8 @@ class SynthConfig:
 
 
 DIFFICULTIES: dict[str, SynthConfig] = {
-    "demo": SynthConfig(),
+    "demo": SynthConfig(class_colors=True),
+    "shapes": SynthConfig(),
     "labels": SynthConfig(num_shapes=8, num_colors=4, color_labels=True),
     "easy": SynthConfig(image_size=112, min_objects=1, max_objects=3, min_size=0.2, max_size=0.42, grid=4),
     "medium": SynthConfig(image_size=112, min_objects=0, max_objects=5, num_shapes=5, num_colors=6, min_size=0.12,
@@ -151,8 +156,9 @@ def make_image(cfg: SynthConfig, rng: np.random.Generator) -> tuple[Image.Image,
                 break
         else:
             continue  # no room left; the image gets fewer objects
-        shape = SHAPES[int(rng.integers(cfg.num_shapes))]
-        cname, col = colors[int(rng.integers(len(colors)))]
+        k = int(rng.integers(cfg.num_shapes))
+        shape = SHAPES[k]
+        cname, col = colors[k] if cfg.class_colors else colors[int(rng.integers(len(colors)))]
         _draw(d, shape, box, col, bg)
         objects.append((f"{cname} {shape}" if cfg.color_labels else shape, box))
     objects.sort(key=lambda o: (o[1][0], o[1][1]))

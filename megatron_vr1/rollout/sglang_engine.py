@@ -173,6 +173,8 @@ class SGLangEngine:
         """The same, per server URL."""
         self.served_by_url: dict[str, int] = {ep.url: 0 for ep in self.endpoints}
         """Completions kept from each server since the engine was made (load balance, monitoring)."""
+        self.aborted = 0
+        """Completions a server aborted (a weight sync paused it) and that were resubmitted (monitoring)."""
 
     # -- RolloutEngine ---------------------------------------------------------------------------------------
     @property
@@ -272,6 +274,7 @@ class SGLangEngine:
             for (rid, it), out in zip(wanted, outs):
                 out = by_id.get(rid, out)
                 if is_aborted(out):
+                    self.aborted += 1
                     continue  # retried below: a weight sync paused the server in "abort" mode
                 if rid not in results:
                     results[rid] = to_completion(rid, it, sample_of[rid], out)

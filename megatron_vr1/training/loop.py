@@ -3,7 +3,8 @@
     for step:  sample prompts -> rollout (each completion carries weight_version) -> rewards in the CPU worker,
                overlapped with generating the next prompt chunk -> advantages (with grpo.dynamic_sampling,
                zero-variance groups are dropped and fresh prompts refill the batch) ->
-               Megatron update(s) -> weight sync, weight_version + 1 -> log, incl. the train/rollout logprob gap
+               Megatron update(s) (grpo.minibatches steps per pass, grpo.updates_per_batch passes) -> weight sync,
+               weight_version + 1 -> log, incl. the train/rollout logprob gap
                -> periodic checkpoint (and a final one when grpo.time_budget_s is spent)
 
 Rank 0 drives the rollout engine and the reward worker; the TrainBatch is broadcast to every rank, every rank
@@ -49,6 +50,15 @@ def rollout_and_score(engine: RolloutEngine, prompts: list[PreparedPrompt], cfg:
         futures.append(worker.submit(texts, targets, step))
     rewards = [r for f in futures for r in f.result()]
     return groups, rewards
+
+
+def minibatch_rows(n_rows: int, group_size: int, minibatches: int) -> list[list[int]]:
+    """The rows of each PPO mini-batch: whole groups (rows are laid out group after group), as even as the
+    number of groups allows (a dynamic-sampling batch may be short); never an empty mini-batch."""
+    groups = n_rows // group_size
+    k = max(1, min(minibatches, groups))
+    bounds = [round(i * groups / k) for i in range(k + 1)]
+    return [list(range(bounds[i] * group_size, bounds[i + 1] * group_size)) for i in range(k)]
 
 
 @dataclass(slots=True)
@@ -108,12 +118,13 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
     start, version = load_or_start(cfg, policy, dataset=dataset, schedule=schedule, dynamic=dynamic)
     if rank0 and engine is not None and engine.weight_version < version:
         sync_weights(policy, engine, version, cfg)  # a resumed run's engine starts from the saved weights
-    log = MetricsLogger(cfg.log.run_dir, total_steps=g.train_steps, start_step=start, enabled=rank0,
-                        tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    log = MetricsLogger(cfg.log.run_dir, total_steps=g.stop_at_step or g.train_steps, start_step=start,
+                        enabled=rank0, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
     worker = RewardWorker(cfg.reward, schedule=schedule) if rank0 else None
     records, loss_fn, started = [], grpo_loss_fn(cfg), time.time()
     try:
-        for step in range(start + 1, g.train_steps + 1):
+        end = g.stop_at_step or g.train_steps  # stop_at_step: a checkpoint partway through the schedule
+        for step in range(start + 1, end + 1):
             t0 = time.time()
             batch, scalars = None, {}
             if rank0:
@@ -135,12 +146,14 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                 t_train = time.time()
                 if g.beta > 0:
                     batch.ref_logprobs = policy.logprobs(batch, reference=True)
-                if g.updates_per_batch > 1:
+                if g.steps_per_batch > 1:
                     batch.old_logprobs = policy.logprobs(batch)
-                for _ in range(g.updates_per_batch):
-                    result = policy.train_step(batch, loss_fn)
-                scalars.update({f"train/{k}": v for k, v in result.metrics.items()},
-                               **{"train/grad_norm": result.grad_norm, "train/lr": result.lr})
+                results = [policy.train_step(batch, loss_fn, rows=rows) for _ in range(g.updates_per_batch)
+                           for rows in minibatch_rows(batch.input_ids.shape[0], g.num_generations, g.minibatches)]
+                scalars.update({f"train/{k}": sum(r.metrics[k] for r in results) / len(results)
+                                for k in results[-1].metrics},
+                               **{"train/grad_norm": sum(r.grad_norm for r in results) / len(results),
+                                  "train/lr": results[-1].lr, "train/optimizer_steps": float(len(results))})
                 version += 1
                 t_sync = time.time()
                 sync_weights(policy, engine if rank0 else None, version, cfg)  # the export is collective
@@ -154,7 +167,7 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                 log.log(step, scalars)
                 records.append({"step": step, **scalars})
             out_of_time = budget_reached(started, g.time_budget_s)
-            if step % cfg.checkpoint.save_interval == 0 or step == g.train_steps or out_of_time:
+            if step % cfg.checkpoint.save_interval == 0 or step == end or out_of_time:
                 save_state(cfg, policy, step, version, dataset=dataset, schedule=schedule, dynamic=dynamic)
             if out_of_time:
                 break

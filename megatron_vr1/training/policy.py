@@ -113,8 +113,8 @@ class Policy:
         style = {"constant": "constant", "linear": "linear", "cosine": "cosine"}[g.lr_schedule]
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if g.warmup_steps else g.lr, max_lr=g.lr, min_lr=g.min_lr,
-            lr_warmup_steps=g.warmup_steps, lr_decay_steps=max(1, g.train_steps), lr_decay_style=style,
-            start_wd=g.weight_decay, end_wd=g.weight_decay, wd_incr_steps=max(1, g.train_steps),
+            lr_warmup_steps=g.warmup_steps, lr_decay_steps=max(1, g.optimizer_steps), lr_decay_style=style,
+            start_wd=g.weight_decay, end_wd=g.weight_decay, wd_incr_steps=max(1, g.optimizer_steps),
             wd_incr_style="constant")
         need_ref = g.mode == "grpo" and g.beta > 0 if with_reference is None else with_reference
         self.reference = build_loaded_model(self.hf_dir, self.hf_config, cfg).eval() if need_ref else None
@@ -189,25 +189,27 @@ class Policy:
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> StepResult:
-        """One optimiser step over all sequences of ``batch`` (gradients averaged over DP ranks)."""
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, rows: list[int] | None = None) -> StepResult:
+        """One optimiser step over the sequences ``rows`` of ``batch`` (default: all of them; a PPO mini-batch
+        otherwise), gradients averaged over DP ranks."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.model.train()
-        n_rows = batch.input_ids.shape[0]
+        rows = list(range(batch.input_ids.shape[0])) if rows is None else list(rows)
+        n_rows = len(rows)
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         if n_rows < dp:
             raise ValueError(f"train_step: {n_rows} sequences for {dp} data-parallel ranks; give every rank "
-                             "at least one (raise grpo.prompts_per_step)")
+                             "at least one (raise grpo.prompts_per_step, or lower grpo.minibatches)")
         # Every rank holds the whole batch and trains on its strided share; DDP averages the gradients.
-        mine = list(range(dp_rank, n_rows, dp))
+        mine = rows[dp_rank::dp]
         groups = self.micro_batches(batch, mine)
         n = len(groups)
         # The schedule divides each micro-batch loss by n and DDP averages over dp ranks. Token aggregation wants
         # sum / total_tokens over the whole step; sequence aggregation a mean over this rank's sequences, so a
         # micro-batch of k sequences divides by len(mine) / n (= 1 with one sequence per micro-batch).
-        total_tokens = float(sum(float(batch.loss_mask[b, :int(batch.lengths[b])].sum()) for b in range(n_rows)))
+        total_tokens = float(sum(float(batch.loss_mask[b, :int(batch.lengths[b])].sum()) for b in rows))
         denominator = (max(total_tokens, 1.0) / (n * dp) if self.cfg.grpo.loss_aggregation == "token"
                        else len(mine) / n)
         items = iter(groups)

@@ -43,11 +43,12 @@ def sft_train(cfg: RunConfig, policy: Policy, samples: Iterator[Sample], *, toke
     Token-level mean NLL over the step (``grpo.loss_aggregation`` picks "token" or "sequence")."""
     g, rank0 = cfg.grpo, is_rank0()
     start, version = load_or_start(cfg, policy, dataset=dataset)
-    log = MetricsLogger(cfg.log.run_dir, total_steps=g.train_steps, start_step=start, enabled=rank0,
-                        tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, description="sft")
+    log = MetricsLogger(cfg.log.run_dir, total_steps=g.stop_at_step or g.train_steps, start_step=start,
+                        enabled=rank0, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, description="sft")
     loss_fn, records, started = sft_loss_fn(g.loss_aggregation), [], time.time()
     try:
-        for step in range(start + 1, g.train_steps + 1):
+        end = g.stop_at_step or g.train_steps  # stop_at_step: a checkpoint partway through the schedule
+        for step in range(start + 1, end + 1):
             t0 = time.time()
             batch = None
             if rank0:
@@ -65,7 +66,7 @@ def sft_train(cfg: RunConfig, policy: Policy, samples: Iterator[Sample], *, toke
                 log.log(step, scalars)
                 records.append({"step": step, **scalars})
             out_of_time = budget_reached(started, g.time_budget_s)
-            if step % cfg.checkpoint.save_interval == 0 or step == g.train_steps or out_of_time:
+            if step % cfg.checkpoint.save_interval == 0 or step == end or out_of_time:
                 save_state(cfg, policy, step, version, dataset=dataset)
             if out_of_time:
                 break

@@ -95,12 +95,17 @@ class WeightSyncer:
     def _push(self, endpoints: list[Endpoint], source: BucketSource, version: int) -> SyncReport:
         t0 = time.perf_counter()
         self._each(endpoints, "/pause_generation", pause_generation_payload("abort"))
+        # SGLang flushes only an idle scheduler (HTTP 400 otherwise). A pause in abort mode aborts what the
+        # scheduler holds, but a request that was still being tokenized reaches it just after and runs to its end
+        # on the old weights (and is stamped with the old version): the flush waits for it rather than failing.
+        # Once it succeeded nothing runs until /continue_generation, so no completion straddles the update.
+        flush = f"/flush_cache?timeout={self.control_timeout_s / 2:g}"  # within the HTTP call's own timeout
         try:
-            self._each(endpoints, "/flush_cache", None)
+            self._each(endpoints, flush, None)
             self._memory(endpoints, "/resume_memory_occupation", ["weights"])
             stats = self.transport.push(endpoints, source(), version)
             self._each(endpoints, "/update_weight_version", update_weight_version_payload(version))
-            self._each(endpoints, "/flush_cache", None)
+            self._each(endpoints, flush, None)
             self._memory(endpoints, "/resume_memory_occupation", ["kv_cache"])
         finally:
             self._each(endpoints, "/continue_generation", continue_generation_payload())

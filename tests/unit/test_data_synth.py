@@ -85,6 +85,28 @@ def test_difficulty_knobs(tmp_path):
         build_synth(tmp_path, n=1, difficulty="impossible")
 
 
+def test_demo_draws_each_category_in_its_own_colour():
+    from megatron_vr1.data.synth import COLORS, SHAPES
+
+    demo, shapes = DIFFICULTIES["demo"], DIFFICULTIES["shapes"]
+    assert demo.class_colors and not shapes.class_colors and demo.categories == shapes.categories
+    palette = list(COLORS.values())
+    seen: dict[str, set] = {}
+    for cfg in (demo, shapes):
+        rng = np.random.default_rng(1)
+        for _ in range(40):
+            im, objects = make_image(cfg, rng)
+            arr = np.asarray(im)
+            for label, (x1, y1, x2, y2) in objects:
+                centre = tuple(int(v) for v in arr[(y1 + y2) // 2, (x1 + x2) // 2])  # every shape covers its centre
+                seen.setdefault(f"{cfg is demo}-{label}", set()).add(centre)
+    for label in demo.categories:  # the demo: one colour per shape, the shape's index in the palette
+        assert seen[f"True-{label}"] == {palette[SHAPES.index(label)]}, label
+    assert any(len(seen[f"False-{label}"]) > 1 for label in shapes.categories)  # shapes: random colours
+    with pytest.raises(ValueError, match="class_colors"):
+        SynthConfig(class_colors=True, num_shapes=5, num_colors=4)
+
+
 def test_cli_synth(tmp_path, capsys):
     from megatron_vr1.cli import main
 

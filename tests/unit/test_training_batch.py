@@ -111,3 +111,29 @@ def test_a_fresh_run_sets_an_earlier_runs_logs_aside(tmp_path):
     third = MetricsLogger(tmp_path, total_steps=1, tensorboard=False, progress=False)
     third.close()
     assert (tmp_path / "metrics.prev2.jsonl").is_file()
+
+
+def test_minibatch_rows_split_whole_groups_evenly():
+    from megatron_vr1.training.loop import minibatch_rows
+
+    assert minibatch_rows(8, 2, 1) == [list(range(8))]
+    assert minibatch_rows(8, 2, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    uneven = minibatch_rows(12, 2, 4)  # 6 groups in 4 mini-batches: 1 or 2 groups each, in order
+    assert sum(uneven, []) == list(range(12)) and sorted(len(mb) for mb in uneven) == [2, 2, 4, 4]
+    assert minibatch_rows(4, 2, 4) == [[0, 1], [2, 3]]  # a short dynamic-sampling batch: no empty mini-batch
+    rows = minibatch_rows(48, 8, 3)
+    assert sorted(r for mb in rows for r in mb) == list(range(48)) and all(len(mb) % 8 == 0 for mb in rows)
+
+
+def test_minibatches_config_is_validated_and_sets_the_schedule_length():
+    from megatron_vr1.config.base import ConfigError
+    from megatron_vr1.config.grpo import GRPOConfig
+
+    g = GRPOConfig(prompts_per_step=16, minibatches=4, updates_per_batch=2, train_steps=10)
+    assert (g.steps_per_batch, g.optimizer_steps) == (8, 80)
+    with pytest.raises(ConfigError, match="divisor"):
+        GRPOConfig(prompts_per_step=16, minibatches=3)
+    with pytest.raises(ConfigError, match="SFT takes one optimiser step"):
+        GRPOConfig(mode="sft", minibatches=2)
+    with pytest.raises(ConfigError, match="stop_at_step"):
+        GRPOConfig(train_steps=10, stop_at_step=11)

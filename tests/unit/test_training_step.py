@@ -104,3 +104,23 @@ def test_packed_micro_batches_equal_one_sequence_each(policy_env, aggregation):
     assert s1.grad_norm == pytest.approx(s3.grad_norm, rel=1e-4)
     assert torch.allclose(a1, a3, atol=1e-5)
     assert not torch.allclose(a1, b1, atol=1e-4)  # the step did change the policy
+
+
+def test_minibatch_step_trains_on_its_rows_only(policy_env):
+    """train_step(rows=...) (a PPO mini-batch) is the step of a batch holding just those rows: the other rows
+    add nothing to the gradient or to the loss's denominator."""
+    from megatron_vr1.training.policy import Policy, grpo_loss_fn
+
+    hf_dir, root = policy_env
+    completions, advantages = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62], [70]], [1.0, -1.0, 0.5, -0.5]
+    after = {}
+    for name, comps, adv, rows in (("rows", completions, advantages, [0, 1]),
+                                   ("alone", completions[:2], advantages[:2], None)):
+        cfg = run_config(hf_dir, root / f"mini-{name}", lr=1e-3, beta=0.0, lr_schedule="constant")
+        policy = Policy(cfg)
+        batch, _prep, _tok = _batch(hf_dir, comps, adv)
+        step = policy.train_step(batch, grpo_loss_fn(cfg), rows=rows)
+        alone, _, _ = _batch(hf_dir, completions[:2], advantages[:2])
+        after[name] = (step.grad_norm, policy.logprobs(alone))
+    assert after["rows"][0] == pytest.approx(after["alone"][0], rel=1e-5)
+    assert torch.allclose(after["rows"][1], after["alone"][1], atol=1e-6)
