@@ -13,7 +13,7 @@ TESTS   ?= tests
 
 help:
 	@echo "make demo       the CPU demo (main job): GRPO vs continued SFT from the warm start, ~17 min"
-	@echo "make warmstart  rebuild the SFT warm start in assets/warmstart from scratch (~1 h on 2 cores)"
+	@echo "make warmstart  rebuild the SFT warm start in assets/warmstart from scratch (~20-35 min on 2 cores)"
 	@echo "make test       the full test suite"
 	@echo "make test-unit  fast CPU unit tests only"
 

@@ -260,7 +260,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """The whole demo; returns (and writes to ``<out>/summary.json``) the summary."""
     t0 = time.time()
     if not (cfg.warmstart / "config.json").is_file():
-        raise DemoError(f"no warm start at {cfg.warmstart}: run `make warmstart` (SFT from scratch, ~30-60 min on "
+        raise DemoError(f"no warm start at {cfg.warmstart}: run `make warmstart` (SFT from scratch, ~20-35 min on "
                         "2 CPU cores) or pass --warmstart DIR")
     cfg.out.mkdir(parents=True, exist_ok=True)
     print(f"megatron-vr1 demo: GRPO vs continued SFT from {cfg.warmstart}, {cfg.budget_s:.0f} s of training each",

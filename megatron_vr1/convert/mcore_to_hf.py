@@ -1,6 +1,10 @@
 """Offline Megatron -> HF: a torch_dist checkpoint -> safetensors shards + index + the reference dir's config,
 tokenizer and processor files. The tensors come from the one streaming exporter, so the offline export, disk
 sync and live sync produce the same names and bytes.
+
+``convert_mcore_to_hf`` (one process, TP=1/PP=1: torch_dist reshards on load) lays the output shards out first
+and loads the checkpoint straight into them (``mapped_output``); ``write_hf`` writes the exporter's tensors from a
+live, possibly TP/PP-sharded model (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from megatron_vr1.convert.arch import load_config
 from megatron_vr1.convert.errors import ConversionError
 from megatron_vr1.convert.exporter import export_buckets
 from megatron_vr1.convert.hf_to_mcore import ConvertReport
+from megatron_vr1.convert.mapped_output import MappedHFOutput
 from megatron_vr1.convert.mcore_ckpt import load_checkpoint
 from megatron_vr1.convert.safetensors_io import ShardedSafetensorsWriter
 from megatron_vr1.convert.session import (build, checkpoint_dtype, checkpoint_padded_vocab, ensure_parallel,
@@ -71,8 +76,30 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, hf_config_dir: str | Path, out_dir
     dtype = checkpoint_dtype(ckpt_dir)
     ensure_parallel(1, 1)
     model = build(config, dtype, 1, 1, padded)
+    out_dir, ref_dir = Path(out_dir), Path(hf_config_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConversionError(f"{out_dir}: exists and is not empty; choose a new --out directory or delete it")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
     start = time.perf_counter()
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The output shards are laid out and mapped first; the parameters that are plain row ranges of their HF
+    # tensors become slices of them, so the load below reads the checkpoint straight into the output files.
+    output = MappedHFOutput(model, config, tmp, max_shard_bytes)
     with single_threaded():
         load_checkpoint(model, ckpt_dir)
-        nbytes = write_hf(model, config, Path(hf_config_dir), Path(out_dir), max_shard_bytes=max_shard_bytes)
-    return ConvertReport(time.perf_counter() - start, nbytes, peak_rss_bytes(), padded, dtype)
+        _place_all(model, config, output)
+    output.close()
+    del model  # the parameters view the mappings
+    output.unmap()
+    copy_reference_files(ref_dir, tmp)
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    return ConvertReport(time.perf_counter() - start, output.total_bytes, peak_rss_bytes(), padded, dtype)
+
+
+def _place_all(model, config: dict, output: MappedHFOutput) -> None:
+    """Every exported tensor into its slot of the output (views of bound parameters are already there)."""
+    for bucket in export_buckets(model, 512 * 2**20, config, copy=False):
+        for name, tensor in bucket:
+            output.place(name, tensor)

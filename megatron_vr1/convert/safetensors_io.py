@@ -236,17 +236,23 @@ class ShardedSafetensorsWriter:
         """Flush, rename shards to their final names, write the index. Returns the files written."""
         if self._pending or not self._shards:
             self._flush()
-        n = len(self._shards)
-        final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map = {}
-        for (tmp, names), fname in zip(self._shards, final):
-            os.replace(tmp, self.dir / fname)
-            weight_map.update({k: fname for k in names})
-        written = [self.dir / f for f in final]
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            tmp = self.dir / f".tmp-{INDEX_NAME}"
-            tmp.write_text(json.dumps(index, indent=2))
-            os.replace(tmp, self.dir / INDEX_NAME)
-            written.append(self.dir / INDEX_NAME)
-        return written
+        return finalize_shards(self.dir, self._shards, self.total_bytes)
+
+
+def finalize_shards(out_dir: Path, shards: list[tuple[Path, list[str]]], total_bytes: int) -> list[Path]:
+    """Rename complete temporary shards (path, tensor names) to HF's names and, for several, write the index
+    (``model.safetensors`` alone otherwise, as transformers does). Returns the files written."""
+    n = len(shards)
+    final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for (tmp, names), fname in zip(shards, final):
+        os.replace(tmp, out_dir / fname)
+        weight_map.update({k: fname for k in names})
+    written = [out_dir / f for f in final]
+    if n > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        tmp = out_dir / f".tmp-{INDEX_NAME}"
+        tmp.write_text(json.dumps(index, indent=2))
+        os.replace(tmp, out_dir / INDEX_NAME)
+        written.append(out_dir / INDEX_NAME)
+    return written

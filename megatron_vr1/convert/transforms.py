@@ -35,7 +35,12 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
     rest = qkv.shape[1:]
     groups = qkv.reshape(num_kv_heads, (per_group + 2) * head_dim, *rest)
     q, k, v = torch.split(groups, [per_group * head_dim, head_dim, head_dim], dim=1)
-    return (q.reshape(-1, *rest).clone(), k.reshape(-1, *rest).clone(), v.reshape(-1, *rest).clone())
+    return tuple(_fresh(t.reshape(-1, *rest), qkv) for t in (q, k, v))
+
+
+def _fresh(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is already a copy (a reshape across groups copies), else a clone: one copy either way."""
+    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
 
 
 def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -25,13 +25,13 @@ def tiny_config(tie: bool = False, layers: int = 2, vocab: int = 500):
         tie_word_embeddings=tie, torch_dtype="float32")
 
 
-def build_tiny_vl(out_dir: str | Path, tie: bool = False, seed: int = 0, layers: int = 2) -> Path:
+def build_tiny_vl(out_dir: str | Path, tie: bool = False, seed: int = 0, layers: int = 2, vocab: int = 500) -> Path:
     """Save a random tiny Qwen2_5_VLForConditionalGeneration to ``out_dir`` (safetensors + config.json)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tie=tie, layers=layers)).float()
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tie=tie, layers=layers, vocab=vocab)).float()
     # Random norms and biases too, so a swapped or dropped tensor can't hide behind an all-ones init.
     with torch.no_grad():
         for name, p in model.named_parameters():
