@@ -59,7 +59,9 @@ fresh-anonymous-memory reads were slow that day, so the read-into-memory ceiling
     Megatron -> HF, mapped output   1.26      0.78   172%  (peak RSS 1.93 GiB, the mapped output included)
     Megatron -> HF, previous HEAD   2.47-3.11 0.32-0.40  (same session, same checkpoint, 3 runs)
 
-so 2.4x faster than the previous writer in the same session; against the quieter earlier session's ceiling
+A second run later that session: ceiling 2.05 s, plain read+write copy of the files 0.82 s, HF -> Megatron 1.41 s
+(incl. 0.48 s fsync), Megatron -> HF 1.02 s (201% of the ceiling, 80% of the copy's speed). So 2.4x faster than
+the previous writer in the same session; against the quieter earlier session's ceiling
 (0.59 s) the mapped writer's 0.93-1.26 s would be 47-63%.
 
 Tried and not kept (measured in that session): mapping the ``.distcp`` files and pointing whole parameters at
