@@ -126,13 +126,20 @@ class MappedHFOutput:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
-            os.ftruncate(fd, start + shard.nbytes)
+            # Blocks reserved up front: a full disk is then an error here, not a SIGBUS in a write to the mapping.
+            os.posix_fallocate(fd, 0, start + shard.nbytes)
+        except OSError as e:
+            os.close(fd)
+            raise ConversionError(f"{path}: can't create a {start + shard.nbytes}-byte output shard ({e}); free disk "
+                                  f"space or choose another --out") from None
+        try:
             buf = mmap.mmap(fd, start + shard.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) \
                 if shard.nbytes else None
         finally:
             os.close(fd)  # the mapping keeps the file
         self._paths.append(path)
-        if buf is None:
+        if buf is None:  # only empty tensors in this shard
+            self._bytes.update({s.name: torch.empty(0, dtype=torch.uint8) for s in shard.slots})
             return
         self._maps.append(buf)
         whole = torch.frombuffer(buf, dtype=torch.uint8)

@@ -103,3 +103,19 @@ def test_parameters_are_bound_to_the_output_mapping(tmp_path):
     assert r["fc1"] and all(r["fc1"].values()), r["fc1"]
     unbound = 2 * 500 * 64 * 4 + 2 * (4 + 2 * 2) * 16 * 65 * 4  # embedding + head, QKV weight+bias of 2 layers
     assert r["bound_bytes"] == r["total"] - unbound
+
+
+def test_no_room_for_the_output_is_a_clear_error_not_a_crash(tmp_path):
+    """Blocks are reserved before anything is written through the mapping: a full disk (here: a file-size limit)
+    is a ConversionError naming the shard, never a SIGBUS, and leaves no final directory."""
+    hf = build_tiny_vl(tmp_path / "hf")
+    _cli("hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mcore"))
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY)); "
+               "from megatron_vr1.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", limited, "convert", "mcore-to-hf", "--ckpt", str(tmp_path / "mcore"),
+                           "--hf-config", str(hf), "--out", str(tmp_path / "back")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "can't create a" in proc.stderr and "output shard" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "back").exists()
