@@ -95,8 +95,8 @@ def tiny_cpu_warmstart() -> RunConfig:
     on a 6,000-step schedule, stopped at step 4,200 (``stop_at_step``): by then the boxes are good (mean IoU 0.95)
     and the labels are being learned (about two in three right). docs/demo.md has the whole curve: the labels sit
     at chance until step ~3,000, then climb to 0.93 by step 6,000 (AP 0.82 on its val images, 0.88 on the demo's),
-    a point where neither GRPO nor continued SFT has much left to gain in the demo's minutes. 16 sequences per micro-batch: on CPU the
-    cost of a tiny model is per operation, not per FLOP.
+    a point where neither GRPO nor continued SFT has much left to gain in the demo's minutes. 16 sequences per
+    micro-batch: on CPU the cost of a tiny model is per operation, not per FLOP.
     """
     cfg = tiny_cpu_demo()
     cfg.name = "tiny_cpu_warmstart"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from megatron_vr1.convert.arch import load_config
 from megatron_vr1.convert.errors import ConversionError
-from megatron_vr1.convert.exporter import export_buckets
+from megatron_vr1.convert.exporter import export_buckets, export_hf_tensors
 from megatron_vr1.convert.hf_to_mcore import ConvertReport
 from megatron_vr1.convert.mapped_output import MappedHFOutput
 from megatron_vr1.convert.mcore_ckpt import load_checkpoint
@@ -37,6 +37,23 @@ def copy_reference_files(ref_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
+def _fresh_tmp_dir(out_dir: Path) -> Path:
+    """``<out>.tmp``, emptied, after checking that ``out_dir`` is new or empty."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConversionError(f"{out_dir}: exists and is not empty; choose a new --out directory or delete it")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _publish(tmp: Path, ref_dir: Path, out_dir: Path) -> None:
+    """Add the reference dir's non-weight files to the complete ``tmp`` and rename it to ``out_dir``."""
+    copy_reference_files(ref_dir, tmp)
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+
+
 def write_hf(model, hf_config: dict, ref_dir: Path, out_dir: Path, *, max_shard_bytes: int,
              bucket_bytes: int = 512 * 2**20) -> int:
     """Export ``model`` (collective over its model-parallel group) and, on global rank 0, write the HF directory
@@ -44,12 +61,9 @@ def write_hf(model, hf_config: dict, ref_dir: Path, out_dir: Path, *, max_shard_
     import torch.distributed as dist
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    writer = None
+    tmp = writer = None
     if rank0:
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise ConversionError(f"{out_dir}: exists and is not empty; choose a new --out directory or delete it")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = _fresh_tmp_dir(out_dir)
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
     # copy=False: the writer writes gate/up halves and the vocabulary cut straight from the model's memory
     # (the model does not change until the export is written), instead of cloning ~half the model first.
@@ -60,10 +74,7 @@ def write_hf(model, hf_config: dict, ref_dir: Path, out_dir: Path, *, max_shard_
     if writer is None:
         return 0
     writer.close()
-    copy_reference_files(ref_dir, tmp)
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
+    _publish(tmp, ref_dir, out_dir)
     return writer.total_bytes
 
 
@@ -76,12 +87,9 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, hf_config_dir: str | Path, out_dir
     dtype = checkpoint_dtype(ckpt_dir)
     ensure_parallel(1, 1)
     model = build(config, dtype, 1, 1, padded)
-    out_dir, ref_dir = Path(out_dir), Path(hf_config_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConversionError(f"{out_dir}: exists and is not empty; choose a new --out directory or delete it")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    out_dir = Path(out_dir)
     start = time.perf_counter()
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp_dir(out_dir)
     # The output shards are laid out and mapped first; the parameters that are plain row ranges of their HF
     # tensors become slices of them, so the load below reads the checkpoint straight into the output files.
     output = MappedHFOutput(model, config, tmp, max_shard_bytes)
@@ -91,15 +99,11 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, hf_config_dir: str | Path, out_dir
     output.close()
     del model  # the parameters view the mappings
     output.unmap()
-    copy_reference_files(ref_dir, tmp)
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
+    _publish(tmp, Path(hf_config_dir), out_dir)
     return ConvertReport(time.perf_counter() - start, output.total_bytes, peak_rss_bytes(), padded, dtype)
 
 
 def _place_all(model, config: dict, output: MappedHFOutput) -> None:
     """Every exported tensor into its slot of the output (views of bound parameters are already there)."""
-    for bucket in export_buckets(model, 512 * 2**20, config, copy=False):
-        for name, tensor in bucket:
-            output.place(name, tensor)
+    for name, tensor in export_hf_tensors(model, config, copy=False):
+        output.place(name, tensor)

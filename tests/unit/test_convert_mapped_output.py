@@ -77,7 +77,6 @@ BIND_CHECK = """
 import json, sys
 from pathlib import Path
 from megatron_vr1.convert.arch import load_config
-from megatron_vr1.convert.exporter import local_tensors
 from megatron_vr1.convert.mapped_output import MappedHFOutput
 from megatron_vr1.convert.session import build, ensure_parallel
 hf, out = Path(sys.argv[1]), Path(sys.argv[2])
