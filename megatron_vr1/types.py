@@ -118,3 +118,8 @@ class TrainBatch:
     weight_versions: list[int] = field(default_factory=list)
     lengths: Any = None
     """[B] int64 unpadded length (prompt + completion) of each row."""
+    prompt_lengths: Any = None
+    """[B] int64 prompt length of each row (the completion starts there)."""
+    group_ids: Any = None
+    """[B] int64 index of the row's rollout group: rows with one id share prompt and image (shared-prompt
+    packing puts them in one row)."""

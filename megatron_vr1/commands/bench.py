@@ -19,6 +19,7 @@ BENCHES: dict[str, tuple[str, str, int]] = {
     "sync": ("sync", "seconds and GB/s per weight-sync transport", 7),
     "coco": ("coco", "COCO bbox evaluation time: faster-coco-eval vs pycocotools", 9),
     "scaling": ("scaling", "step time / tokens/s / MFU across node counts and layouts", 10),
+    "grpo-step": ("grpo_step", "the CPU demo's GRPO step: SGLang rollout and policy update vs their baselines", 8),
 }
 
 

@@ -62,7 +62,7 @@ def tiny_cpu_demo() -> RunConfig:
     return RunConfig(
         name="tiny_cpu_demo",
         model=ModelConfig(hf_path="assets/warmstart", dtype="float32", transformer_impl="local"),
-        parallel=ParallelConfig(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=16),
+        parallel=ParallelConfig(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=128, pack_groups=True),
         rollout=RolloutConfig(temperature=0.7, max_new_tokens=48, bucket_mb=64, reward_overlap_chunks=1),
         reward=RewardConfig(preset="official", label_rule="match", switch_step=0),
         grpo=GRPOConfig(num_generations=8, prompts_per_step=16, lr=1e-4, beta=0.0, train_steps=100000,
@@ -80,6 +80,8 @@ def tiny_cpu_demo_sft_control() -> RunConfig:
     its learning rate tuned (see docs/demo.md), never weakened."""
     cfg = tiny_cpu_demo()
     cfg.name = "tiny_cpu_demo_sft_control"
+    # One completion per prompt: nothing to pack; 16 rows in one micro-batch (its fastest layout, measured).
+    cfg.parallel = ParallelConfig(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=16)
     cfg.grpo = GRPOConfig(mode="sft", prompts_per_step=16, train_steps=100000, lr=2e-4, lr_schedule="constant",
                           weight_decay=0.01, adam_beta2=0.98, grad_clip=1.0, loss_aggregation="token")
     cfg.log = LogConfig(run_dir="runs/demo/sft_continued")

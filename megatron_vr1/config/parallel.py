@@ -15,7 +15,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations along the sequence in norms/dropout (needs tensor_parallel > 1)."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch on each data-parallel rank."""
+    """Sequences per micro-batch on each data-parallel rank (with pack_groups: completions, in whole groups)."""
+    pack_groups: bool = False
+    """Shared-prompt packing: each GRPO group's completions train behind one copy of their prompt and image, so
+    the vision tower and the prompt run once per group instead of G times (exact; training/packing.py). Needs
+    the local layer spec (model.transformer_impl=local): it uses an arbitrary attention mask."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """"auto": nccl when CUDA is available, gloo otherwise."""
     seed: int = 1234

@@ -20,7 +20,7 @@ class RolloutConfig:
     """0 picks a free port."""
     api_key: str = ""
     max_running_requests: int = 0
-    """A launched server's concurrent requests; 0 = SGLang's default on GPU, 64 on CPU (whole rollout batches)."""
+    """A launched server's concurrent requests; 0 = SGLang's default on GPU, 128 on CPU (whole rollout batches)."""
     parallel_sampling: Literal["auto", "on", "off"] = "auto"
     """Send each prompt's G samples as one SGLang request with ``n`` = G (its image is processed and prefilled
     once) instead of G requests. "auto": on for servers launched here (they are started with the transport it

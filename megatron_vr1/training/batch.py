@@ -60,7 +60,7 @@ def build_train_batch(groups: Sequence[RolloutGroup], prompts: Sequence[Prepared
     token. Raises when the engine's prompt ids disagree with ours (training would score a different prompt)."""
     rows = []
     k = 0
-    for group, prep in zip(groups, prompts, strict=True):
+    for group_id, (group, prep) in enumerate(zip(groups, prompts, strict=True)):
         for c in group.completions:
             adv = float(advantages[k])
             k += 1
@@ -75,18 +75,18 @@ def build_train_batch(groups: Sequence[RolloutGroup], prompts: Sequence[Prepared
                 n_loss = 0
             if n_loss == 0:
                 continue
-            rows.append((prep, c, n_loss, adv))
+            rows.append((prep, c, n_loss, adv, group_id))
     if k != len(advantages):
         raise ValueError(f"{len(advantages)} advantages for {k} completions: pass one per completion")
     if not rows:
         return None
-    lengths = [len(p.prompt_ids) + n for p, _c, n, _a in rows]
+    lengths = [len(p.prompt_ids) + n for p, _c, n, *_ in rows]
     width = max(lengths)
     b = len(rows)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((b, width), dtype=torch.float32)
     rollout_lp = torch.zeros((b, width), dtype=torch.float32)
-    for i, (prep, c, n, _a) in enumerate(rows):
+    for i, (prep, c, n, *_) in enumerate(rows):
         p = len(prep.prompt_ids)
         input_ids[i, :p] = torch.tensor(prep.prompt_ids)
         input_ids[i, p:p + n] = torch.tensor(c.token_ids[:n])
@@ -94,10 +94,12 @@ def build_train_batch(groups: Sequence[RolloutGroup], prompts: Sequence[Prepared
         if c.logprobs:
             rollout_lp[i, p:p + n] = torch.tensor(c.logprobs[:n], dtype=torch.float32)
     return TrainBatch(
-        input_ids=input_ids, loss_mask=loss_mask, advantages=torch.tensor([a for *_, a in rows], dtype=torch.float32),
+        input_ids=input_ids, loss_mask=loss_mask, advantages=torch.tensor([r[3] for r in rows], dtype=torch.float32),
         rollout_logprobs=rollout_lp, pixel_values=torch.cat([p.pixel_values for p, *_ in rows]),
         image_grid_thw=torch.tensor([list(p.image_grid_thw) for p, *_ in rows]),
-        weight_versions=[c.weight_version for _p, c, *_ in rows], lengths=torch.tensor(lengths))
+        weight_versions=[c.weight_version for _p, c, *_ in rows], lengths=torch.tensor(lengths),
+        prompt_lengths=torch.tensor([len(p.prompt_ids) for p, *_ in rows]),
+        group_ids=torch.tensor([r[4] for r in rows]))
 
 
 def sft_batch(prompts: Sequence[PreparedPrompt], targets: Sequence[Sequence[int]], *, pad_id: int = 0) -> TrainBatch:

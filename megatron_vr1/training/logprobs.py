@@ -96,15 +96,29 @@ class MicroBatch:
 
     input_ids: torch.Tensor          # [B, S]
     position_ids: torch.Tensor       # [3, B, S]
-    targets: torch.Tensor            # [B, S] next-token ids (input_ids shifted left)
-    loss_mask: torch.Tensor          # [B, S] 1 on completion tokens
+    targets: torch.Tensor            # [B, S] next-token ids (input_ids shifted left); packed: [k, L] (see below)
+    loss_mask: torch.Tensor          # [B, S] 1 on completion tokens; packed: [k, L]
     attention_mask: torch.Tensor | None = None  # megatron bool mask, or None for causal
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    score_index: torch.Tensor | None = None
+    """Shared-prompt packing (training/packing.py): [k, L] flat positions of the [B, S] logits that predict each of
+    the k completions' L tokens; ``targets`` / ``loss_mask`` are then [k, L]. None: logits score ``targets`` in
+    place."""
+    token_index: torch.Tensor | None = None
+    """Packed: [k, L] each scored token's position in its TrainBatch row."""
 
     def model_kwargs(self) -> dict:
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=self.attention_mask,
                     pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
+
+    def scoring_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """The model's logits laid out like ``targets``."""
+        if self.score_index is None:
+            return output
+        from megatron_vr1.training.packing import scored_logits
+
+        return scored_logits(output, self.score_index)
 
 
 def broadcast_from_last_stage(tensors: list[torch.Tensor] | None, device: torch.device) -> list[torch.Tensor]:
@@ -139,7 +153,7 @@ def pipelined_token_logprobs(model, micro_batches: Iterable[MicroBatch], *, voca
         mb = next(data_iterator)
 
         def loss_func(output):
-            r = token_logprobs(output, mb.targets, mb.loss_mask, vocab_size=vocab_size,
+            r = token_logprobs(mb.scoring_logits(output), mb.targets, mb.loss_mask, vocab_size=vocab_size,
                                compute_entropy=compute_entropy, temperature=temperature)
             results.append(r)
             zero = output.new_zeros(())
@@ -152,7 +166,7 @@ def pipelined_token_logprobs(model, micro_batches: Iterable[MicroBatch], *, voca
         get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
             num_microbatches=len(batches), seq_length=max(b.input_ids.shape[1] for b in batches),
-            micro_batch_size=batches[0].input_ids.shape[0], forward_only=True)
+            micro_batch_size=max(b.input_ids.shape[0] for b in batches), forward_only=True)
     from megatron.core import parallel_state
 
     last = parallel_state.is_pipeline_last_stage()

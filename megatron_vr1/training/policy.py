@@ -91,6 +91,14 @@ class Policy:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.cfg = cfg
+        if cfg.parallel.pack_groups:
+            from megatron_vr1.config.base import ConfigError
+            from megatron_vr1.models.specs import resolve_impl
+
+            if resolve_impl(cfg.model) != "local":
+                raise ConfigError("parallel.pack_groups=true needs the local layer spec (its attention takes the "
+                                  "packed rows' arbitrary mask); set model.transformer_impl=local or "
+                                  "parallel.pack_groups=false")
         self.hf_dir = Path(hf_dir or cfg.model.hf_path)
         self.hf_config = load_hf_config(self.hf_dir)
         self.vocab_size = vocab_size_of(self.hf_config)
@@ -135,6 +143,8 @@ class Policy:
 
         rows = list(range(batch.input_ids.shape[0])) if rows is None else list(rows)
         k = micro_batch_size or self.cfg.parallel.micro_batch_size
+        if self.cfg.parallel.pack_groups:
+            return self._packed_micro_batches(batch, rows, k)
         grids = batch.image_grid_thw
         pix_start = None
         if grids is not None:  # one image per row: patch offsets of each row in pixel_values
@@ -159,6 +169,27 @@ class Policy:
                                           pixel_values=pix, image_grid_thw=thw)))
         return out
 
+    def _packed_micro_batches(self, batch: TrainBatch, rows: list[int],
+                              max_completions: int) -> list[tuple[list[int], MicroBatch]]:
+        """Shared-prompt packing (training/packing.py): whole groups per micro-batch, up to ``max_completions``
+        completions (at least one group), each group one row."""
+        from megatron_vr1.training.packing import group_rows, pack_groups
+
+        multiple = self.cfg.parallel.tensor_parallel if self.cfg.parallel.sequence_parallel else 1
+        out, chunk, count = [], [], 0
+        groups = group_rows(batch, rows)
+        for i, members in enumerate(groups):
+            chunk.append(members)
+            count += len(members)
+            if i + 1 == len(groups) or count + len(groups[i + 1]) > max_completions:
+                p = pack_groups(batch, chunk, self.hf_config, length_multiple=multiple)
+                out.append((p.rows, MicroBatch(
+                    input_ids=p.input_ids, position_ids=p.position_ids, targets=p.targets, loss_mask=p.loss_mask,
+                    attention_mask=p.attention_mask, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
+                    score_index=p.score_index, token_index=p.token_index)))
+                chunk, count = [], 0
+        return out
+
     @staticmethod
     def _shift(t: torch.Tensor | None, rows: list[int], length: int) -> torch.Tensor | None:
         """Per-token values stored at the token's own position -> at the position that predicts it."""
@@ -167,6 +198,15 @@ class Policy:
         s = torch.roll(t.index_select(0, torch.tensor(rows))[:, :length].float(), -1, dims=1)
         s[:, -1] = 0
         return s
+
+    @classmethod
+    def _scored(cls, t: torch.Tensor | None, rows: list[int], mb: MicroBatch) -> torch.Tensor | None:
+        """Per-token batch values (stored at each token's own position) laid out like ``mb.targets``."""
+        if mb.token_index is None:
+            return cls._shift(t, rows, mb.input_ids.shape[1])
+        if t is None:
+            return None
+        return t.index_select(0, torch.tensor(rows)).float().gather(1, mb.token_index) * mb.loss_mask.gt(0)
 
     # ---- forward-only ------------------------------------------------------------------------------------------
 
@@ -181,8 +221,12 @@ class Policy:
         res = pipelined_token_logprobs(model, [mb for _, mb in groups], vocab_size=self.vocab_size,
                                        compute_entropy=False, temperature=self.logprob_temperature)
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        for (rows, _), r in zip(groups, res):
+        for (rows, mb), r in zip(groups, res):
             for i, b in enumerate(rows):
+                if mb.token_index is not None:  # packed: token_index says where each scored token sits
+                    keep = mb.loss_mask[i] > 0
+                    out[b, mb.token_index[i][keep]] = r.logprobs[i][keep]
+                    continue
                 length = int(batch.lengths[b])
                 out[b, 1:length] = r.logprobs[i, :length - 1]  # back to the scored token's own position
         return out
@@ -216,17 +260,16 @@ class Policy:
 
         def forward_step(data_iterator, chunk):
             rows, mb = next(data_iterator)
-            length = mb.input_ids.shape[1]
 
             def loss_func(output):
-                r = token_logprobs(output, mb.targets, mb.loss_mask, vocab_size=self.vocab_size,
+                r = token_logprobs(mb.scoring_logits(output), mb.targets, mb.loss_mask, vocab_size=self.vocab_size,
                                    temperature=self.logprob_temperature)
                 loss, metrics = loss_fn(
                     logprobs=r.logprobs, entropy=r.entropy, mask=r.mask,
                     advantages=batch.advantages.index_select(0, torch.tensor(rows)).float(),
-                    old_logprobs=self._shift(batch.old_logprobs, rows, length),
-                    ref_logprobs=self._shift(batch.ref_logprobs, rows, length),
-                    rollout_logprobs=self._shift(batch.rollout_logprobs, rows, length), denominator=denominator)
+                    old_logprobs=self._scored(batch.old_logprobs, rows, mb),
+                    ref_logprobs=self._scored(batch.ref_logprobs, rows, mb),
+                    rollout_logprobs=self._scored(batch.rollout_logprobs, rows, mb), denominator=denominator)
                 return loss, {k: v.detach().float().clone() for k, v in metrics.items()}
 
             return chunk(**mb.model_kwargs()), loss_func
@@ -236,7 +279,7 @@ class Policy:
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=items, model=[self.model], num_microbatches=n,
             seq_length=max(mb.input_ids.shape[1] for _, mb in groups),
-            micro_batch_size=max(len(rows) for rows, _ in groups), forward_only=False)
+            micro_batch_size=max(mb.input_ids.shape[0] for _, mb in groups), forward_only=False)
         _ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics = _mean_metrics(losses if parallel_state.is_pipeline_last_stage() else None)

@@ -15,7 +15,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from training_data import make_sample, run_config  # noqa: E402
 
-LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+LAYOUTS = {"tp1": (1, 1, False), "tp2": (2, 1, False), "pp2": (1, 2, False), "tp2_packed": (2, 1, True)}
+"""name: (TP, PP, shared-prompt packing)."""
 
 
 def make_batch(hf_dir):
@@ -41,13 +42,14 @@ def make_batch(hf_dir):
     return build_train_batch(groups, preps, torch.tensor([1.0, -1.0, 0.5, -0.5]), eos_ids=[eos])
 
 
-def run_layout(hf_dir, tp, pp, aggregation, baseline):
+def run_layout(hf_dir, tp, pp, packed, aggregation, baseline):
     from megatron_vr1.parallel import state
     from megatron_vr1.training.policy import Policy, grpo_loss_fn
 
     cfg = run_config(Path(hf_dir), Path(hf_dir).parent / "run", lr=1e-3, beta=0.2, loss_aggregation=aggregation,
                      tis=True, lr_schedule="constant")
     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel = tp, pp
+    cfg.parallel.pack_groups = packed
     state.initialize(cfg.parallel)
     policy = Policy(cfg)
     batch = make_batch(hf_dir)
@@ -72,8 +74,8 @@ def main():
     torch.set_num_threads(1)
     results, baseline = {}, None
     for name in args.layouts.split(","):
-        tp, pp = LAYOUTS[name]
-        results[name], weights = run_layout(args.hf_dir, tp, pp, args.aggregation, baseline)
+        tp, pp, packed = LAYOUTS[name]
+        results[name], weights = run_layout(args.hf_dir, tp, pp, packed, args.aggregation, baseline)
         baseline = weights if baseline is None else baseline
     from megatron_vr1.parallel import state
 

@@ -61,7 +61,7 @@ def reference(assets):
     return HFEngine(assets["model_dir"])
 
 
-def test_generation_with_image_matches_reference(engine, reference, assets):
+def test_generation_with_image_matches_reference(engine, reference, assets, server):
     requests = requests_for(assets["image"])
     groups = engine.generate(requests)
     assert [[c.request_id for c in g] for g in groups] == [["img-0", "img-1"], ["txt-0"]]
@@ -71,6 +71,8 @@ def test_generation_with_image_matches_reference(engine, reference, assets):
             assert len(c.token_ids) == len(c.logprobs) > 0 and c.weight_version == 0
     assert groups[0][0].token_ids != groups[0][1].token_ids  # seeds 11 and 12 sample differently
     assert max_logprob_gap(groups, requests, reference) <= TOL
+    # The CPU server decodes with the launcher's batched attention (sglang_cpu_server.py), not SGLang's loop.
+    assert "torch_native attention with batched decode" in server.log_path.read_text(errors="replace")
 
 
 def test_parallel_sampling_matches_reference_and_a_sync_mid_batch_resubmits(engine, server, reference, assets):

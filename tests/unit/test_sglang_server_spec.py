@@ -7,7 +7,7 @@ import json
 import pytest
 
 from megatron_vr1.config.base import ConfigError
-from megatron_vr1.rollout.sglang_server import SGLangServer, ServerSpec
+from megatron_vr1.rollout.sglang_server import CPU_LAUNCHER, SGLangServer, ServerSpec
 
 
 @pytest.fixture
@@ -20,12 +20,13 @@ def test_cpu_launch_is_loopback_with_cpu_engine_and_no_stale_vision_cache(model_
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
     server = SGLangServer(ServerSpec(model_path=str(model_dir), device="cpu", api_key="k", python="/x/python"))
     cmd = server.command()
-    assert cmd[:3] == ["/x/python", "-m", "sglang.launch_server"]
+    # SGLang's launcher plus the batched decode attention, run by path (it is not importable in SGLang's venv)
+    assert cmd[:2] == ["/x/python", str(CPU_LAUNCHER)] and CPU_LAUNCHER.is_file()
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--device") + 1] == "cpu" and cmd[cmd.index("--dtype") + 1] == "float32"
     assert cmd[cmd.index("--attention-backend") + 1] == "torch_native"
     assert cmd[cmd.index("--api-key") + 1] == "k" and int(cmd[cmd.index("--port") + 1]) == server.port > 0
-    assert cmd[cmd.index("--max-running-requests") + 1] == "64"  # whole rollout batches at once on CPU
+    assert cmd[cmd.index("--max-running-requests") + 1] == "128"  # whole rollout batches at once on CPU
     mine = SGLangServer(ServerSpec(model_path=str(model_dir), device="cpu", max_running_requests=16, python="/x/py"))
     assert mine.command()[mine.command().index("--max-running-requests") + 1] == "16"
     env = server.environment()
