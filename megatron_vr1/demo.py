@@ -3,14 +3,15 @@
 warmstart: synthetic shapes -> a random tiny Qwen2.5-VL -> SFT (recipe ``tiny_cpu_warmstart``) to a plateau ->
            the HF checkpoint in ``assets/warmstart`` plus ``warmstart.json`` (steps, time, val mAP and reward).
 demo:      fresh synthetic images (seed 1; the warm start's were seed 0) ->
-           eval of the warm start -> Vision-R1 GRPO with the real SGLang CPU rollout server (``tiny_cpu_demo``) ->
-           continued SFT from the same warm start for the same wall time (``tiny_cpu_demo_sft_control``) ->
+           eval of the warm start -> Vision-R1 GRPO with the real SGLang CPU rollout server (``tiny_cpu_demo``,
+           a fixed number of steps, capped in time) -> continued SFT from the same warm start for exactly the
+           training seconds GRPO used (``tiny_cpu_demo_sft_control``) ->
            eval of both -> table, plots and ``summary.json``.
 
 Each stage is the command a user would type (``megatron-vr1 data|train|eval``), run as a sub-process so that
 process groups, thread pools and the SGLang server never leak between stages; their logs go to ``<out>/logs``.
-The time budgets count training steps only (not process start, model build or SGLang's start-up); the two runs
-take turns on the whole machine rather than sharing it.
+The budgets count training steps only (not process start, model build or SGLang's start-up); the two runs take
+turns on the whole machine rather than sharing it.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ class DemoError(RuntimeError):
 class DemoConfig:
     out: Path = Path("runs/demo")
     warmstart: Path = WARMSTART_DIR
-    budget_s: float = 400.0
-    """Training seconds given to GRPO, and the same to continued SFT."""
+    grpo_steps: int = 160
+    """GRPO's optimiser steps (its LR schedule spans them): the run's length in the unit that decides how far it
+    learns, so a slower machine does not silently get a shorter run."""
+    budget_s: float = 500.0
+    """Cap on GRPO's training seconds (a slow machine stops early, keeping the demo's wall time bounded).
+    Continued SFT then gets exactly the training seconds GRPO used."""
     n_train: int = 4000
     n_val: int = 200
     seed: int = 1
@@ -54,9 +59,9 @@ class DemoConfig:
     """Extra ``--set a.b=c`` overrides for the two runs (tuning sweeps)."""
 
     def __post_init__(self) -> None:
-        if self.budget_s <= 0 or self.n_train < 1 or self.n_val < 1:
-            raise ValueError(f"demo: budget_s={self.budget_s}, n_train={self.n_train}, n_val={self.n_val} must all "
-                             "be positive")
+        if self.budget_s <= 0 or self.grpo_steps < 1 or self.n_train < 1 or self.n_val < 1:
+            raise ValueError(f"demo: budget_s={self.budget_s}, grpo_steps={self.grpo_steps}, "
+                             f"n_train={self.n_train}, n_val={self.n_val} must all be positive")
 
 
 def _cli(*args: str) -> list[str]:
@@ -152,11 +157,14 @@ def build_data(out: Path, *, n_train: int, n_val: int, seed: int) -> dict[str, P
     return build_synth(out, n=n_train, n_val=n_val, seed=seed, difficulty="demo")
 
 
-def greedy_reward(answers: Path, rows: Path, reward: "RewardConfig | None" = None) -> float:
+def greedy_reward(answers: Path, rows: Path, reward: "RewardConfig | None" = None, *,
+                  step: int | None = None) -> float:
     """Mean Vision-R1 reward (format + recall + precision, at most 3) of an eval's greedy answers, under
-    ``reward`` (default: the official preset)."""
+    ``reward`` (default: the official preset) at optimizer step ``step`` of a ``step``-step run (its
+    refinement stage there; ``None``: no step, as the released code scores without one)."""
     from megatron_vr1.config.reward import RewardConfig
     from megatron_vr1.data.readers import iter_parsed, open_rows
+    from megatron_vr1.rewards.schedule import RefinementSchedule
     from megatron_vr1.rewards.score import score_batch
     from megatron_vr1.rewards.target import target_from_sample
 
@@ -174,14 +182,16 @@ def greedy_reward(answers: Path, rows: Path, reward: "RewardConfig | None" = Non
         targets.append(by_image[key])
     if len(texts) != len(by_image):
         raise DemoError(f"{answers}: {len(texts)} answers for {len(by_image)} validation rows")
-    breakdown = score_batch(texts, targets, reward or RewardConfig(preset="official"))
+    reward = reward or RewardConfig(preset="official")
+    breakdown = score_batch(texts, targets, reward, step,
+                            schedule=RefinementSchedule.from_config(reward, total_steps=step))
     return float(sum(r.total for r in breakdown) / max(1, len(breakdown)))
 
 
 def evaluate(name: str, model: Path, data: dict[str, Path], out: Path, *, hf_config: Path | None = None,
-             reward: "RewardConfig | None" = None) -> dict:
+             reward: "RewardConfig | None" = None, reward_step: int | None = None) -> dict:
     """Greedy eval on the validation split: COCO AP / AP50 (pycocotools-compatible), the mean reward under
-    ``reward`` (the GRPO run's criteria) and under the official preset."""
+    ``reward`` at ``reward_step`` (the GRPO run's criteria at its last step) and under the official preset."""
     cmd = _cli("eval", "--model", str(model), "--gt", str(data["val_gt"]), "--data", str(data["val"]),
                "--name", "synth-val", "--out", str(out), "--max-new-tokens", "64", "--batch-size", "50",
                "--min-pixels", str(VAL_PIXELS), "--max-pixels", str(VAL_PIXELS), "--grid-images", "16")
@@ -195,7 +205,7 @@ def evaluate(name: str, model: Path, data: dict[str, Path], out: Path, *, hf_con
     loc = localization_stats(json.loads(data["val_gt"].read_text()),
                              json.loads((out / "synth-val" / "detections.json").read_text()))
     return {"map": float(metrics["AP"]), "ap50": float(metrics["AP50"]), "ap75": float(metrics["AP75"]),
-            "reward": greedy_reward(answers, data["val"], reward),
+            "reward": greedy_reward(answers, data["val"], reward, step=reward_step),
             "reward_official": greedy_reward(answers, data["val"]),
             "localization": {k: round(v, 4) for k, v in loc.items()}}
 
@@ -244,16 +254,27 @@ def run_warmstart(*, root: Path = Path("runs/warmstart"), dest: Path = WARMSTART
 
 # ---- the demo --------------------------------------------------------------------------------------------------
 
-def _train(name: str, recipe: str, cfg: DemoConfig, data: dict[str, Path], sets: tuple[str, ...]) -> Path:
+def _train(name: str, recipe: str, cfg: DemoConfig, data: dict[str, Path], sets: tuple[str, ...], *,
+           budget_s: float) -> Path:
     run_dir = cfg.out / name
     if run_dir.exists():  # the demo's own stage dir: a rerun starts fresh (no stale checkpoints or curves)
         shutil.rmtree(run_dir)
     cmd = _cli("train", "--recipe", recipe, "--no-resume", "--set", f"model.hf_path={cfg.warmstart}",
                "--set", f"data.train_path={data['train']}", "--set", f"log.run_dir={run_dir}",
-               "--set", f"grpo.time_budget_s={cfg.budget_s}", "--set", "log.progress=false",
+               "--set", f"grpo.time_budget_s={budget_s}", "--set", "log.progress=false",
                *[a for s in sets for a in ("--set", s)])
-    run_stage(name, cmd, cfg.out / "logs" / f"{name}.log", watch=run_dir / "metrics.jsonl", budget_s=cfg.budget_s)
+    run_stage(name, cmd, cfg.out / "logs" / f"{name}.log", watch=run_dir / "metrics.jsonl", budget_s=budget_s)
     return run_dir
+
+
+def training_seconds(run_dir: Path) -> float:
+    """A finished run's training seconds (the loop's clock, what ``grpo.time_budget_s`` counts)."""
+    from megatron_vr1.training.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    if not records or "time/elapsed_s" not in records[-1]:
+        raise DemoError(f"{run_dir}: no time/elapsed_s in its metrics; the run did not finish a step")
+    return float(records[-1]["time/elapsed_s"])
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -263,32 +284,36 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         raise DemoError(f"no warm start at {cfg.warmstart}: run `make warmstart` (SFT from scratch, ~20-35 min on "
                         "2 CPU cores) or pass --warmstart DIR")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    print(f"megatron-vr1 demo: GRPO vs continued SFT from {cfg.warmstart}, {cfg.budget_s:.0f} s of training each",
-          flush=True)
+    print(f"megatron-vr1 demo: GRPO ({cfg.grpo_steps} steps, at most {cfg.budget_s:.0f} s) vs continued SFT for "
+          f"the same training time, from {cfg.warmstart}", flush=True)
     data = build_data(cfg.out / "data", n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed)
     from megatron_vr1.config.recipes import load_recipe
 
-    # Every model's greedy answers are scored with the criteria GRPO trains on (and with the official preset).
-    reward = load_recipe(GRPO_RECIPE, cfg.grpo_sets).reward
-    start = evaluate("start", cfg.warmstart, data, cfg.out / "eval" / "start", reward=reward)
-    grpo_dir = _train("grpo", GRPO_RECIPE, cfg, data, cfg.grpo_sets)
-    sft_dir = _train("sft_continued", SFT_RECIPE, cfg, data, cfg.sft_sets)
+    # Every model's greedy answers are scored with the criteria GRPO trains on, in the refinement stage of its
+    # last step (and with the official preset, stepless).
+    scoring = dict(reward=load_recipe(GRPO_RECIPE, cfg.grpo_sets).reward, reward_step=cfg.grpo_steps)
+    start = evaluate("start", cfg.warmstart, data, cfg.out / "eval" / "start", **scoring)
+    grpo_dir = _train("grpo", GRPO_RECIPE, cfg, data, (f"grpo.train_steps={cfg.grpo_steps}", *cfg.grpo_sets),
+                      budget_s=cfg.budget_s)
+    grpo_s = training_seconds(grpo_dir)
+    sft_dir = _train("sft_continued", SFT_RECIPE, cfg, data, cfg.sft_sets, budget_s=grpo_s)
     grpo = evaluate("grpo", grpo_dir / "checkpoints", data, cfg.out / "eval" / "grpo", hf_config=cfg.warmstart,
-                    reward=reward)
+                    **scoring)
     sft = evaluate("sft_continued", sft_dir / "checkpoints", data, cfg.out / "eval" / "sft_continued",
-                   hf_config=cfg.warmstart, reward=reward)
+                   hf_config=cfg.warmstart, **scoring)
     summary = {
         "map_start": start["map"], "map_sft_continued": sft["map"], "map_grpo": grpo["map"],
         "reward_start": start["reward"], "reward_grpo": grpo["reward"], "reward_sft_continued": sft["reward"],
         "reward_official_start": start["reward_official"], "reward_official_grpo": grpo["reward_official"],
         "reward_official_sft_continued": sft["reward_official"],
-        "reward_label_rule": reward.rules().label_rule,
+        "reward_label_rule": scoring["reward"].rules().label_rule,
         "ap50_start": start["ap50"], "ap50_sft_continued": sft["ap50"], "ap50_grpo": grpo["ap50"],
         "ap75_start": start["ap75"], "ap75_sft_continued": sft["ap75"], "ap75_grpo": grpo["ap75"],
         # Matched-box IoU and label accuracy (eval/localization.py): what each stage changed besides AP.
         "localization_start": start["localization"], "localization_sft_continued": sft["localization"],
         "localization_grpo": grpo["localization"],
         "steps_grpo": _last_step(grpo_dir), "steps_sft_continued": _last_step(sft_dir),
+        "train_s_grpo": round(grpo_s, 1), "train_s_sft_continued": round(training_seconds(sft_dir), 1),
         "budget_s": cfg.budget_s, "wall_s": round(time.time() - t0, 1),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
@@ -313,8 +338,10 @@ def summary_table(s: dict[str, Any]) -> str:
             ("+ Vision-R1 GRPO", "grpo", s["steps_grpo"])]
     rule = s.get("reward_label_rule", "ignore")
     reward_col = "greedy reward" + (" (labels matched)" if rule == "match" else "")
+    train_s = s.get("train_s_grpo")
+    span = f"steps in {train_s:.0f} s" if train_s is not None else f"steps in {s['budget_s']:.0f} s"
     lines = [f"| model | AP | AP50 | AP75 | mean IoU | IoU >= 0.75 | label acc. | {reward_col} | official reward | "
-             f"steps in {s['budget_s']:.0f} s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{span} |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, key, steps in rows:
         official = s.get(f"reward_official_{key}", s[f"reward_{key}"])
         loc = s.get(f"localization_{key}", {})

@@ -16,8 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run: the demo (default); warmstart: build assets/warmstart by SFT")
     parser.add_argument("--out", default="runs/demo", help="demo output directory (summary.json, plots, runs)")
     parser.add_argument("--warmstart", default="assets/warmstart", help="the warm-start HF checkpoint directory")
-    parser.add_argument("--budget-s", type=float, default=400.0,
-                        help="seconds of training for GRPO, and the same for continued SFT")
+    parser.add_argument("--grpo-steps", type=int, default=160,
+                        help="GRPO optimiser steps (continued SFT gets the training seconds they took)")
+    parser.add_argument("--budget-s", type=float, default=500.0,
+                        help="cap on GRPO's training seconds (a slower machine stops GRPO early)")
     parser.add_argument("--n-train", type=int, default=4000, help="synthetic training images")
     parser.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the GRPO recipe (repeatable), e.g. --grpo-set rollout.temperature=0.7")
@@ -33,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
             run_warmstart(dest=Path(args.warmstart), sets=tuple(args.sft_set))
             return 0
         summary = run_demo(DemoConfig(out=Path(args.out), warmstart=Path(args.warmstart), budget_s=args.budget_s,
+                                      grpo_steps=args.grpo_steps,
                                       n_train=args.n_train, grpo_sets=tuple(args.grpo_set),
                                       sft_sets=tuple(args.sft_set)))
     except (DemoError, ValueError) as e:

@@ -45,8 +45,8 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         t = hints[name]
         if dataclasses.is_dataclass(t) and isinstance(v, dict):
             v = from_dict(t, v)
-        elif isinstance(v, list) and get_origin(t) is tuple:
-            v = tuple(v)
+        elif isinstance(v, list) and any(get_origin(a) is tuple or a is tuple for a in (t, *get_args(t))):
+            v = tuple(v)  # JSON has no tuples; also for ``tuple[...] | None`` fields
         kwargs[name] = v
     return cls(**kwargs)
 

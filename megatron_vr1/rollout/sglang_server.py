@@ -160,7 +160,7 @@ class SGLangServer:
     def command(self) -> list[str]:
         s = self.spec
         device = self.device
-        # On CPU: SGLang's launcher plus a batched decode attention (sglang_cpu_server.py, run by path).
+        # On CPU: SGLang's launcher plus attention batched over requests (sglang_cpu_server.py, run by path).
         batched = device == "cpu" and s.batched_cpu_decode
         launcher = [str(CPU_LAUNCHER)] if batched else ["-m", "sglang.launch_server"]
         cmd = [s.python or find_sglang_python(), *launcher, "--model-path", s.model_path,

@@ -161,6 +161,7 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
             scalars["time/step_s"] = elapsed = time.time() - t0
             if batch is not None:
                 scalars["throughput/tokens_per_s"] = float(batch.loss_mask.sum()) / max(elapsed, 1e-9)
+            scalars["time/elapsed_s"] = time.time() - started  # training seconds so far (what the budget counts)
             scalars["weight_version"] = version
             scalars["reward/stage"] = schedule.observe(step).name
             if rank0:

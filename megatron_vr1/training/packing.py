@@ -83,7 +83,8 @@ def pack_groups(batch: TrainBatch, groups: list[list[int]], hf_config: Any, *, p
         for i, r in enumerate(members):
             n = int(batch.lengths[r])
             same_image = grids is None or (torch.equal(grids[r], grids[first]) and torch.equal(
-                batch.pixel_values[pix_start[r]:pix_start[r + 1]], batch.pixel_values[pix_start[first]:pix_start[first + 1]]))
+                batch.pixel_values[pix_start[r]:pix_start[r + 1]],
+                batch.pixel_values[pix_start[first]:pix_start[first + 1]]))
             if int(batch.prompt_lengths[r]) != p or not torch.equal(batch.input_ids[r, :p], prompt) or not same_image:
                 raise ValueError(f"pack_groups: batch row {r} is in group {int(batch.group_ids[r])} but its prompt "
                                  f"differs from row {first}'s; rows of one group must share prompt and image")

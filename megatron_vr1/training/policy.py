@@ -90,9 +90,17 @@ class Policy:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        from megatron_vr1.config.base import ConfigError
+
         self.cfg = cfg
+        g = cfg.grpo
+        if g.warmup_steps and g.warmup_steps >= g.optimizer_steps:
+            # Checked here, not in GRPOConfig: --set overrides apply one at a time, so a run shortened with
+            # train_steps=2 before warmup_steps=0 would be refused halfway through its own overrides.
+            raise ConfigError(f"grpo.warmup_steps={g.warmup_steps} must be below the run's {g.optimizer_steps} "
+                              "optimiser steps (train_steps x updates_per_batch x minibatches): set "
+                              "grpo.warmup_steps=0 or a longer grpo.train_steps")
         if cfg.parallel.pack_groups:
-            from megatron_vr1.config.base import ConfigError
             from megatron_vr1.models.specs import resolve_impl
 
             if resolve_impl(cfg.model) != "local":
@@ -113,7 +121,6 @@ class Policy:
             ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.no_sync_func = self.model.no_sync
-        g = cfg.grpo
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=g.lr, min_lr=g.min_lr, weight_decay=g.weight_decay, adam_beta1=g.adam_beta1,
             adam_beta2=g.adam_beta2, clip_grad=g.grad_clip, bf16=bf16, params_dtype=model.config.params_dtype),

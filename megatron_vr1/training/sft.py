@@ -60,7 +60,7 @@ def sft_train(cfg: RunConfig, policy: Policy, samples: Iterator[Sample], *, toke
             version += 1
             elapsed = time.time() - t0
             scalars = {**{f"train/{k}": v for k, v in result.metrics.items()}, "train/grad_norm": result.grad_norm,
-                       "train/lr": result.lr, "time/step_s": elapsed,
+                       "train/lr": result.lr, "time/step_s": elapsed, "time/elapsed_s": time.time() - started,
                        "throughput/tokens_per_s": float(batch.loss_mask.sum()) / max(elapsed, 1e-9)}
             if rank0:
                 log.log(step, scalars)

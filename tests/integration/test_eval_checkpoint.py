@@ -30,8 +30,8 @@ def test_eval_a_training_checkpoint(tmp_path):
     data = build_synth(tmp_path / "data", n=8, seed=0, difficulty="demo", n_val=4)
     run_dir = tmp_path / "sft"
     sets = [f"model.hf_path={hf_dir}", f"data.train_path={data['train']}", "grpo.mode=sft", "grpo.train_steps=2",
-            "grpo.prompts_per_step=2", "grpo.lr=1e-2", "rollout.engine=hf", f"log.run_dir={run_dir}",
-            "log.progress=false"]
+            "grpo.warmup_steps=0", "grpo.prompts_per_step=2", "grpo.lr=1e-2", "rollout.engine=hf",
+            f"log.run_dir={run_dir}", "log.progress=false"]
     train = _cli("train", "--recipe", "tiny_cpu_demo", *[a for s in sets for a in ("--set", s)])
     assert train.returncode == 0, train.stderr[-3000:]
 

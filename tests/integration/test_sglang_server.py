@@ -72,7 +72,7 @@ def test_generation_with_image_matches_reference(engine, reference, assets, serv
     assert groups[0][0].token_ids != groups[0][1].token_ids  # seeds 11 and 12 sample differently
     assert max_logprob_gap(groups, requests, reference) <= TOL
     # The CPU server decodes with the launcher's batched attention (sglang_cpu_server.py), not SGLang's loop.
-    assert "torch_native attention with batched decode" in server.log_path.read_text(errors="replace")
+    assert "torch_native attention batched over requests" in server.log_path.read_text(errors="replace")
 
 
 def test_parallel_sampling_matches_reference_and_a_sync_mid_batch_resubmits(engine, server, reference, assets):

@@ -81,8 +81,9 @@ def test_train_job_on_two_nodes(cluster, tiny_hf, tmp_path):
     data = build_synth(tmp_path / "data", n=8, seed=0, difficulty="demo", n_val=2)
     run_dir = tmp_path / "run"
     sets = " ".join([f"model.hf_path={tiny_hf}", f"data.train_path={data['train']}", "rollout.engine=hf",
-                     "parallel.tensor_parallel=2", "grpo.train_steps=1", "grpo.num_generations=2",
-                     "grpo.prompts_per_step=2", "rollout.max_new_tokens=8", "log.progress=false"])
+                     "parallel.tensor_parallel=2", "grpo.train_steps=1", "grpo.warmup_steps=0",
+                     "grpo.num_generations=2", "grpo.prompts_per_step=2", "rollout.max_new_tokens=8",
+                     "log.progress=false"])
     rc, out = sbatch(cluster, SLURM / "train_vision_r1.sbatch", tmp_path,
                      {"RECIPE": "tiny_cpu_demo", "SETS": sets, "RUN_DIR": str(run_dir), "GPUS_PER_NODE": "1"},
                      "--nodes=2", "--time=00:20:00")

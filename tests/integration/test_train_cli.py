@@ -29,8 +29,9 @@ def test_sft_train_then_plot(tmp_path):
     run_dir = tmp_path / "sft"
     # A 12-step linear schedule stopped at step 6 (grpo.stop_at_step: how the demo's warm start is taken).
     sets = [f"model.hf_path={hf_dir}", f"data.train_path={paths['train']}", "grpo.mode=sft", "grpo.train_steps=12",
-            "grpo.stop_at_step=6", "grpo.lr_schedule=linear", "grpo.prompts_per_step=4", "grpo.lr=3e-3",
-            "rollout.engine=hf", f"log.run_dir={run_dir}", "log.progress=false", "checkpoint.save_interval=4"]
+            "grpo.stop_at_step=6", "grpo.lr_schedule=linear", "grpo.warmup_steps=0", "grpo.prompts_per_step=4",
+            "grpo.lr=3e-3", "rollout.engine=hf", f"log.run_dir={run_dir}", "log.progress=false",
+            "checkpoint.save_interval=4"]
     proc = _cli("train", "--recipe", "tiny_cpu_demo", *[a for s in sets for a in ("--set", s)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     from megatron_vr1.training.metrics import read_metrics

@@ -17,14 +17,15 @@ from training_data import tiny_hf_dir
 
 pytestmark = pytest.mark.slow
 STEPS = 6  # checkpoints at 2 and 4: a kill anywhere before the end leaves steps to resume
-TIMING = ("time", "time/step_s", "time/train_s", "time/sync_s", "rollout/time_s", "throughput/tokens_per_s")
+TIMING = ("time", "time/step_s", "time/train_s", "time/sync_s", "time/elapsed_s", "rollout/time_s",
+          "throughput/tokens_per_s")
 
 
 def _cmd(hf_dir, data, run_dir, *extra):
     sets = [f"model.hf_path={hf_dir}", f"data.train_path={data}", "rollout.engine=hf", f"log.run_dir={run_dir}",
-            "log.progress=false", "log.tensorboard=false", f"grpo.train_steps={STEPS}", "grpo.prompts_per_step=2",
-            "grpo.num_generations=2", "rollout.max_new_tokens=8", "grpo.lr=1e-3", "grpo.beta=0.04",
-            "checkpoint.save_interval=2"]
+            "log.progress=false", "log.tensorboard=false", f"grpo.train_steps={STEPS}", "grpo.warmup_steps=0",
+            "grpo.prompts_per_step=2", "grpo.num_generations=2", "rollout.max_new_tokens=8", "grpo.lr=1e-3",
+            "grpo.beta=0.04", "checkpoint.save_interval=2"]
     return [sys.executable, "-m", "megatron_vr1.cli", "train", "--recipe", "tiny_cpu_demo",
             *[a for s in sets for a in ("--set", s)], *extra]
 

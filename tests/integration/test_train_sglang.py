@@ -27,9 +27,9 @@ def test_grpo_steps_with_sglang_rollout(tmp_path):
     paths = build_synth(tmp_path / "data", n=8, seed=0, difficulty="demo", n_val=2)
     run_dir = tmp_path / "grpo"
     sets = [f"model.hf_path={hf_dir}", f"data.train_path={paths['train']}", "rollout.engine=sglang",
-            "rollout.sync_transport=tensor", "grpo.train_steps=2", "grpo.num_generations=2", "grpo.prompts_per_step=2",
-            "grpo.beta=0.04", "rollout.max_new_tokens=8", f"log.run_dir={run_dir}", "log.progress=false",
-            "checkpoint.save_interval=2"]
+            "rollout.sync_transport=tensor", "grpo.train_steps=2", "grpo.warmup_steps=0", "grpo.num_generations=2",
+            "grpo.prompts_per_step=2", "grpo.beta=0.04", "rollout.max_new_tokens=8", f"log.run_dir={run_dir}",
+            "log.progress=false", "checkpoint.save_interval=2"]
     # The recipe samples at T=0.7 and scores tokens at that temperature (grpo.logprob_temperature=rollout), the
     # distribution SGLang reports logprobs of: the engines' parity below holds at the recipe's own temperature.
     env = dict(os.environ, OMP_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")

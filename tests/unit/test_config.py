@@ -58,8 +58,9 @@ def test_recipe_from_user_file(tmp_path):
 
 
 def test_round_trip_through_dict():
-    cfg = load_recipe("tiny_cpu_demo", ["grpo.lr=3e-5"])
-    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    cfg = load_recipe("tiny_cpu_demo", ["grpo.lr=3e-5", "reward.advanced_precision_band=(0.75,0.95)"])
+    again = RunConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg and again.reward.advanced_precision_band == (0.75, 0.95)  # tuple | None: a tuple again
 
 
 def test_config_show_cli():

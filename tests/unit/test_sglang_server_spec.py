@@ -20,7 +20,7 @@ def test_cpu_launch_is_loopback_with_cpu_engine_and_no_stale_vision_cache(model_
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
     server = SGLangServer(ServerSpec(model_path=str(model_dir), device="cpu", api_key="k", python="/x/python"))
     cmd = server.command()
-    # SGLang's launcher plus the batched decode attention, run by path (it is not importable in SGLang's venv)
+    # SGLang's launcher plus the batched attention, run by path (it is not importable in SGLang's venv)
     assert cmd[:2] == ["/x/python", str(CPU_LAUNCHER)] and CPU_LAUNCHER.is_file()
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--device") + 1] == "cpu" and cmd[cmd.index("--dtype") + 1] == "float32"

@@ -131,3 +131,14 @@ def test_packed_equals_unpacked(policy_env, aggregation, beta, tis):
                 assert packed[1].metrics[key] == pytest.approx(plain[1].metrics[key], rel=1e-4, abs=1e-6), key
         assert torch.allclose(plain[2], packed[2], atol=1e-5)
         assert not torch.allclose(plain[0], plain[2], atol=1e-4)  # the step did change the policy
+
+
+def test_policy_refuses_warmup_longer_than_the_run(policy_env):
+    """A check across fields, made when the policy is built (--set overrides apply one at a time, so GRPOConfig
+    cannot make it), fails before any model is built and names the fields to change."""
+    from megatron_vr1.config.base import ConfigError
+    from megatron_vr1.training.policy import Policy
+
+    hf_dir, root = policy_env
+    with pytest.raises(ConfigError, match="grpo.warmup_steps=3 must be below the run's 3 optimiser steps"):
+        Policy(run_config(hf_dir, root / "warmup", train_steps=3, warmup_steps=3))
