@@ -12,7 +12,7 @@ TESTS   ?= tests
 .PHONY: all venv sglang-venv demo warmstart test test-unit test-fast clean help
 
 help:
-	@echo "make demo       the CPU demo (main job): GRPO vs continued SFT from the warm start, ~18 min"
+	@echo "make demo       the CPU demo (main job): GRPO vs continued SFT from the warm start, ~17-19 min"
 	@echo "make warmstart  rebuild the SFT warm start in assets/warmstart from scratch (~20-35 min on 2 cores)"
 	@echo "make test       the full test suite"
 	@echo "make test-unit  fast CPU unit tests only"
