@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 from pathlib import Path
@@ -51,3 +52,18 @@ def run_config(hf_dir: Path, run_dir: Path, **grpo):
         "checkpoint": {"save_interval": 100},
         "log": {"run_dir": str(run_dir), "progress": False}})
     return cfg
+
+
+@contextlib.contextmanager
+def world_of_one():
+    """megatron-core's parallel state for this one process. parallel.state picks its own free port; exporting
+    RANK/WORLD_SIZE here instead would leak into every child process of the test session and make it act as a
+    torchrun rank."""
+    from megatron_vr1.config.parallel import ParallelConfig
+    from megatron_vr1.parallel import state
+
+    state.initialize(ParallelConfig())
+    try:
+        yield
+    finally:
+        state.destroy()

@@ -6,25 +6,18 @@ mid-epoch is skipped and counted (on_bad_row=skip) or stops the run with a RowEr
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from training_data import run_config, tiny_hf_dir
+from training_data import run_config, tiny_hf_dir, world_of_one
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def world():
-    from megatron_vr1.config.parallel import ParallelConfig
-    from megatron_vr1.parallel import state
-    # A world of one: parallel.state picks its own free port; exporting RANK/WORLD_SIZE here would leak
-
-    # into every child process of the test session and make it act as a torchrun rank.
-    state.initialize(ParallelConfig())
-    yield
-    state.destroy()
+    with world_of_one():
+        yield
 
 
 def _data(tmp_path, bad_row_at: int | None = None, n: int = 4):

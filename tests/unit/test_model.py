@@ -4,12 +4,11 @@ dist-checkpoint round trip."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from model_loading import IMAGE_TOKEN, VOCAB, hf_logits, image_prompt, load_hf_into, tiny_hf_model
+from training_data import world_of_one
 
 from megatron_vr1.config.base import ConfigError
 from megatron_vr1.config.model import ModelConfig
@@ -21,13 +20,8 @@ FP32 = ModelConfig(dtype="float32")
 
 @pytest.fixture(scope="module")
 def mp():
-    from megatron_vr1.parallel import state
-    # A world of one: parallel.state picks its own free port; exporting RANK/WORLD_SIZE here would leak
-
-    # into every child process of the test session and make it act as a torchrun rank.
-    state.initialize(ParallelConfig())
-    yield
-    state.destroy()
+    with world_of_one():
+        yield
 
 
 def _built(hf, model_cfg=FP32):

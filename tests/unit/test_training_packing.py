@@ -4,7 +4,7 @@ logprobs and the update of the unpacked rows, and the packed layout is what trai
 import pytest
 import torch
 
-from training_data import make_sample, run_config, tiny_hf_dir
+from training_data import make_sample, run_config, tiny_hf_dir, world_of_one
 
 pytestmark = pytest.mark.slow
 
@@ -15,13 +15,9 @@ ADVANTAGES = [1.0, -1.0, 0.5, -0.5, 0.8, -0.3]
 
 @pytest.fixture(scope="module")
 def policy_env(tmp_path_factory):
-    from megatron_vr1.config.parallel import ParallelConfig
-    from megatron_vr1.parallel import state
-
-    state.initialize(ParallelConfig())
-    root = tmp_path_factory.mktemp("packing")
-    yield tiny_hf_dir(root), root
-    state.destroy()
+    with world_of_one():
+        root = tmp_path_factory.mktemp("packing")
+        yield tiny_hf_dir(root), root
 
 
 def _batch(hf_dir, groups=GROUPS, advantages=ADVANTAGES):

@@ -1,27 +1,19 @@
 """The Megatron policy's GRPO step at TP=1 in-process: logprobs equal transformers', and one step on a
 positive-advantage completion raises its logprob (a negative one lowers it)."""
 
-import os
-
 import pytest
 import torch
 
-from training_data import make_sample, run_config, tiny_hf_dir
+from training_data import make_sample, run_config, tiny_hf_dir, world_of_one
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def policy_env(tmp_path_factory):
-    from megatron_vr1.config.parallel import ParallelConfig
-    from megatron_vr1.parallel import state
-    # A world of one: parallel.state picks its own free port; exporting RANK/WORLD_SIZE here would leak
-
-    # into every child process of the test session and make it act as a torchrun rank.
-    state.initialize(ParallelConfig())
-    root = tmp_path_factory.mktemp("policy")
-    yield tiny_hf_dir(root), root
-    state.destroy()
+    with world_of_one():
+        root = tmp_path_factory.mktemp("policy")
+        yield tiny_hf_dir(root), root
 
 
 def _batch(hf_dir, completions, advantages):
