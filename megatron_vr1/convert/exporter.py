@@ -116,6 +116,8 @@ def export_hf_tensors(model: torch.nn.Module, hf_config: Any, *, layout: str = "
     else:
         stages = [meta]
     local = dict(mine)
+    # Receive buffers go where this rank's own weights are (the run device; NCCL has no CPU backend).
+    device = mine[0][1].device if mine else torch.device("cpu")
     for stage, items in enumerate(stages):
         src = dist.get_global_rank(pp_group, stage) if pp > 1 else None
         for item in items:
@@ -130,7 +132,8 @@ def export_hf_tensors(model: torch.nn.Module, hf_config: Any, *, layout: str = "
                     full = shard
             if pp > 1:
                 if full is None:
-                    full = torch.empty(_full_shape(item.shard_shape, item.tp_kind, tp), dtype=item.dtype)
+                    full = torch.empty(_full_shape(item.shard_shape, item.tp_kind, tp), dtype=item.dtype,
+                                       device=device)
                 else:
                     full = full.contiguous()
                 dist.broadcast(full, src=src, group=pp_group)

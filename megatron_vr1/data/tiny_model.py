@@ -190,24 +190,45 @@ def build_tiny_model(out_dir: str | Path, *, preset: Preset = "test", seed: int 
     processor config and chat_template.jinja. Deterministic for (preset, seed, tie_word_embeddings).
     ``tie_word_embeddings`` overrides the preset (converters must handle tied embeddings).
     """
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is unknown: use one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
     if tie_word_embeddings is not None:
         spec = replace(spec, tie_word_embeddings=tie_word_embeddings)
+    return build_model_dir(out_dir, spec, seed=seed)
+
+
+def build_model_dir(out_dir: str | Path, spec: TinyModelSpec, *, seed: int = 0, vocab_size: int | None = None,
+                    dtype: str = "float32", device: str = "cpu") -> Path:
+    """A random Qwen2.5-VL of any ``spec`` with this module's tokenizer, as a checkpoint directory (see
+    ``build_tiny_model``). ``vocab_size``: the embedding rows (default: the tokenizer's length rounded up to 64;
+    a real model's 152064 gives its real output-layer cost). ``dtype`` / ``device``: where the random weights are
+    drawn and how they are saved (a 7B-width model is drawn much faster on a GPU)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
     tokenizer = build_tokenizer()
     config = build_config(tokenizer, spec)
+    if vocab_size is not None:
+        if vocab_size < len(tokenizer):
+            raise ValueError(f"vocab_size={vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
+        config.text_config.vocab_size = vocab_size
     config._attn_implementation = "sdpa"
+    on = torch.device(device)
     # Seed a private generator state: building assets must not disturb the caller's RNG stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+    cuda = on.type == "cuda"
+    fork = dict(devices=[on.index or 0], device_type="cuda") if cuda else dict(devices=[])
+    with torch.random.fork_rng(**fork):
+        torch.manual_seed(seed)  # seeds the CUDA generators too
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))
+        try:
+            with on:
+                model = Qwen2_5_VLForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(previous)
         if spec.sine_number_init_max:
             _sine_number_init(model, tokenizer, spec.sine_number_init_max)
     model.generation_config.eos_token_id = config.text_config.eos_token_id

@@ -13,6 +13,7 @@ from megatron_vr1.models.hf_config import padded_vocab_size, text_arch, torch_dt
 from megatron_vr1.models.mrope import mrope_position_ids
 from megatron_vr1.models.qwen25vl import Qwen25VLModel
 from megatron_vr1.models.specs import gpt_layer_spec, resolve_impl
+from megatron_vr1.parallel.state import device as run_device
 
 __all__ = ["build_model", "mrope_position_ids"]
 
@@ -47,11 +48,12 @@ def _broadcast_over_tp(module: torch.nn.Module) -> None:
 
 def build_model(hf_config: Any, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *,
                 pre_process: bool | None = None, post_process: bool | None = None,
-                config_overrides: dict | None = None) -> Qwen25VLModel:
+                config_overrides: dict | None = None, device: torch.device | None = None) -> Qwen25VLModel:
     """The policy for this rank: vision tower on the first PP stage, this stage's decoder layers, output layer on
     the last. Needs megatron's parallel state (``parallel.state.initialize``). Raises before building anything
     when the config asks for Transformer Engine features that are not installed. ``config_overrides`` sets extra
-    TransformerConfig fields (e.g. the TE fusions a benchmark turns on)."""
+    TransformerConfig fields (e.g. ``perform_initialization=False`` for a model about to be loaded). ``device``:
+    where the model lives (default: the run device of ``parallel.state.device``: this rank's GPU, else the CPU)."""
     from megatron.core import parallel_state
 
     spec = gpt_layer_spec(model_cfg)  # fails early (FP8 / TE without TE)
@@ -77,11 +79,10 @@ def build_model(hf_config: Any, model_cfg: ModelConfig, parallel_cfg: ParallelCo
         max_sequence_length=arch.max_position_embeddings, image_token_id=_image_token_id(hf_config),
         rotary_base=arch.rope_theta, mrope=arch.mrope_section is not None,
         tie_word_embeddings=arch.tie_word_embeddings, pre_process=pre_process, post_process=post_process)
+    # Cast and place first, then broadcast: NCCL (the TP group on a GPU machine) has no CPU backend.
+    model.to(device=device or run_device(), dtype=torch_dtype(model_cfg))
     if model.visual is not None:
         _broadcast_over_tp(model.visual)
         if model_cfg.freeze_vision:
             model.visual.requires_grad_(False)
-    model.to(dtype=torch_dtype(model_cfg))
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
     return model

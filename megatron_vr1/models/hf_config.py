@@ -106,10 +106,14 @@ def transformer_config_from_hf(hf_config: Any, model_cfg: ModelConfig, parallel_
     """A megatron-core TransformerConfig for the language model of ``hf_config``.
 
     Qwen2 blocks: RMSNorm, SwiGLU MLP without biases, GQA attention with a QKV bias and no output bias,
-    RoPE (M-RoPE when the config has ``mrope_section``). Fusions that need CUDA kernels are only enabled on
-    GPU; FP8 options are passed through for the Transformer Engine spec (checked in ``specs``).
+    RoPE (M-RoPE when the config has ``mrope_section``). The fused kernels are those ``specs.fusion_settings``
+    finds installed (none on the CPU); FP8 options are passed through for the Transformer Engine spec (checked
+    in ``specs``). A packed micro-batch (``parallel.pack_groups``) of ``micro_batch_size`` > 1 may hold several
+    rows, so it is counted as several for the M-RoPE fusion rule.
     """
     from megatron.core.transformer import TransformerConfig
+
+    from megatron_vr1.models.specs import fusion_settings, kernel_stack
 
     arch = text_arch(hf_config)
     if arch.hidden_act != "silu":
@@ -149,7 +153,7 @@ def transformer_config_from_hf(hf_config: Any, model_cfg: ModelConfig, parallel_
         attention_softmax_in_fp32=True,
         # CPU init builds the full weight on every rank and slices it: layouts then share exact weights.
         use_cpu_initialization=not on_gpu,
-        # CUDA-only kernels (cpu-megatron.md); specs.apply_gpu_fusions() turns on the ones TE provides.
-        masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        bias_activation_fusion=False, bias_dropout_fusion=False, persist_layer_norm=False,
+        # The fused kernels this machine has (all off on the CPU); decided in models.specs for every caller.
+        **fusion_settings(model_cfg, kernel_stack(), mrope=arch.mrope_section is not None,
+                          rows_per_micro_batch=1 if parallel_cfg.micro_batch_size == 1 else 2),
         **recompute, **fp8)

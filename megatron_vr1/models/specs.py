@@ -1,15 +1,19 @@
-"""Layer-spec selection: the one place that probes Transformer Engine.
+"""Layer-spec and kernel selection: the one place that probes Transformer Engine and the other fused kernels.
 
 - ``transformer_impl="auto"`` uses the TE spec when ``transformer_engine.pytorch`` imports, else the local spec.
 - The local spec's core attention is megatron's unfused DotProductAttention on CPU and torch SDPA
   (``SDPAttention``) on GPU: the unfused path materialises [b, heads, s, s] scores, ran out of memory at
   4x2048 tokens on an H100 and reached 18% of the bf16 matmul ceiling (issue #5).
 - FP8 needs TE; asking for it without TE fails here, when the model is built, with what to install.
+- ``fusion_settings``: the TransformerConfig fusion fields the installed stack supports (the trainer, the
+  converters and ``bench train`` all build through ``models.build``, so they run the same kernels);
+  ``ddp_settings``: megatron DDP's communication overlap for the data-parallel size.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -79,3 +83,76 @@ def gpt_layer_spec(model_cfg: ModelConfig):
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+# ---- fused kernels ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KernelStack:
+    """What this machine offers beyond plain torch (probed once by ``kernel_stack``)."""
+
+    cuda: bool
+    transformer_engine: bool
+    apex_wgrad_accumulation: bool
+    """apex's ``fused_weight_gradient_mlp_cuda`` (megatron's local linear layers fuse wgrad accumulation with it)."""
+    masked_softmax_kernels: bool
+    """megatron's ``scaled_masked_softmax_cuda`` (built with apex / Megatron-LM's fused kernels)."""
+
+
+def _imports(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # ImportError, or an OSError from a kernel built against another torch
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_stack() -> KernelStack:
+    cuda = torch.cuda.is_available()
+    return KernelStack(cuda=cuda, transformer_engine=cuda and have_transformer_engine(),
+                       apex_wgrad_accumulation=cuda and _imports("fused_weight_gradient_mlp_cuda"),
+                       masked_softmax_kernels=cuda and _imports("scaled_masked_softmax_cuda"))
+
+
+def fusion_settings(model_cfg: ModelConfig, stack: KernelStack, *, rows_per_micro_batch: int,
+                    mrope: bool) -> dict[str, bool]:
+    """TransformerConfig fusion fields for ``model_cfg`` on ``stack`` (pure: the caller probes the stack).
+
+    - bias-SwiGLU and bias-dropout-add: megatron's jit-fused CUDA paths, any CUDA machine;
+    - fused RoPE: TE's kernel; with M-RoPE only for one row per micro-batch (megatron falls back, with a warning,
+      for mrope at batch > 1 in the bshd layout);
+    - gradient-accumulation fusion (wgrad GEMM accumulating straight into DDP's fp32 ``main_grad``): TE's linear
+      layers under the TE spec, apex's kernel under the local spec;
+    - masked-softmax fusion: megatron's kernels, used by the local unfused attention only.
+    On the CPU every field is False (these are CUDA kernels)."""
+    if not stack.cuda:
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+                    gradient_accumulation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False)
+    te_spec = resolve_impl(model_cfg) == "transformer_engine"
+    return dict(
+        bias_activation_fusion=True, bias_dropout_fusion=True,
+        apply_rope_fusion=stack.transformer_engine and (not mrope or rows_per_micro_batch == 1),
+        gradient_accumulation_fusion=stack.transformer_engine if te_spec else stack.apex_wgrad_accumulation,
+        masked_softmax_fusion=stack.masked_softmax_kernels and not te_spec,
+        persist_layer_norm=False)  # apex's persistent LayerNorm; Qwen uses RMSNorm (TE's or torch's)
+
+
+def ddp_settings(data_parallel_size: int) -> dict[str, bool]:
+    """megatron DistributedDataParallelConfig fields: gradients reduced in fp32; with DP > 1 each bucket's
+    all-reduce starts as soon as its gradients are ready, overlapping the rest of the backward pass.
+    (Overlapping the parameter all-gather needs the distributed optimizer, which the trainer does not use.)"""
+    return dict(grad_reduce_in_fp32=True, overlap_grad_reduce=data_parallel_size > 1)
+
+
+def sequence_multiple(model_cfg: ModelConfig, parallel_cfg) -> int:
+    """What every micro-batch's sequence length must be a multiple of: the TP size under sequence parallelism
+    (the sequence is split over the TP ranks), times TE's FP8 GEMM alignment under FP8 (megatron's
+    ``get_fp8_align_size``: 16, or 32 for MXFP8; each rank's shard of the sequence must be aligned)."""
+    multiple = parallel_cfg.tensor_parallel if parallel_cfg.sequence_parallel else 1
+    if model_cfg.fp8 != "none":
+        from megatron.core.enums import Fp8Recipe
+        from megatron.core.fp8_utils import get_fp8_align_size
+
+        multiple *= get_fp8_align_size(Fp8Recipe(model_cfg.fp8_recipe))
+    return multiple

@@ -69,10 +69,12 @@ def _transport(cfg: RunConfig, device: str):
 def build_engine(cfg: RunConfig, *, export: Callable[[], Iterable]) -> RolloutEngine:
     """Rank 0's rollout engine for ``cfg.rollout.engine``; ``export`` re-exports the policy's weight buckets."""
     if cfg.rollout.engine == "hf":
+        from megatron_vr1.parallel.state import device
         from megatron_vr1.rollout.hf_engine import HFEngine
 
-        return HFEngine(cfg.model.hf_path, dtype=cfg.model.dtype, min_pixels=cfg.data.min_pixels,
-                        max_pixels=cfg.data.max_pixels)
+        # In process, on rank 0's run device (its GPU beside the trainer, else the CPU).
+        return HFEngine(cfg.model.hf_path, dtype=cfg.model.dtype, device=str(device()),
+                        min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     from megatron_vr1.rollout.sglang_engine import SGLangEngine, image_pad_id_of
     from megatron_vr1.rollout.sglang_http import Endpoint
     from megatron_vr1.rollout.sglang_server import SGLangServer, ServerSpec

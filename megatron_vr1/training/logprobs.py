@@ -107,6 +107,16 @@ class MicroBatch:
     place."""
     token_index: torch.Tensor | None = None
     """Packed: [k, L] each scored token's position in its TrainBatch row."""
+    # What the loss reads besides the logits, laid out like ``targets`` (train steps only; None otherwise).
+    advantages: torch.Tensor | None = None        # [k]
+    old_logprobs: torch.Tensor | None = None      # [k, L]
+    ref_logprobs: torch.Tensor | None = None      # [k, L]
+    rollout_logprobs: torch.Tensor | None = None  # [k, L]
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        """This micro-batch with every tensor on ``device``: the trainer's one host-to-device boundary."""
+        return MicroBatch(**{name: (value.to(device, non_blocking=True) if isinstance(value, torch.Tensor)
+                                    else value) for name, value in ((f, getattr(self, f)) for f in _FIELDS)})
 
     def model_kwargs(self) -> dict:
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=self.attention_mask,
@@ -119,6 +129,9 @@ class MicroBatch:
         from megatron_vr1.training.packing import scored_logits
 
         return scored_logits(output, self.score_index)
+
+
+_FIELDS = tuple(MicroBatch.__dataclass_fields__)
 
 
 def broadcast_from_last_stage(tensors: list[torch.Tensor] | None, device: torch.device) -> list[torch.Tensor]:

@@ -161,6 +161,7 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
             scalars["time/step_s"] = elapsed = time.time() - t0
             if batch is not None:
                 scalars["throughput/tokens_per_s"] = float(batch.loss_mask.sum()) / max(elapsed, 1e-9)
+                scalars["throughput/train_tokens"] = float(batch.lengths.sum())  # prompts + completions, per pass
             scalars["time/elapsed_s"] = time.time() - started  # training seconds so far (what the budget counts)
             scalars["weight_version"] = version
             scalars["reward/stage"] = schedule.observe(step).name
@@ -168,7 +169,8 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                 log.log(step, scalars)
                 records.append({"step": step, **scalars})
             out_of_time = budget_reached(started, g.time_budget_s)
-            if step % cfg.checkpoint.save_interval == 0 or step == end or out_of_time:
+            every = cfg.checkpoint.save_interval
+            if every and (step % every == 0 or step == end or out_of_time):
                 save_state(cfg, policy, step, version, dataset=dataset, schedule=schedule, dynamic=dynamic)
             if out_of_time:
                 break

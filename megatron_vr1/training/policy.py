@@ -3,7 +3,15 @@ and LR schedule, and trained over TrainBatch micro-batches with ``get_forward_ba
 
 ``parallel.micro_batch_size`` sequences per micro-batch (default 1: images of different sizes and prompts of
 different lengths need no padding; more packs small models' many short sequences into fewer, larger matmuls, the
-main cost on CPU). Each micro-batch is right-padded to its longest row, which is exact under causal attention.
+main cost on CPU). Each micro-batch is right-padded to its longest row, which is exact under causal attention,
+and further to the length multiple the kernels need (``specs.sequence_multiple``: TP under sequence
+parallelism, TE's FP8 GEMM alignment under FP8).
+
+Device placement: the TrainBatch is host memory (the rollout's record, the same on every rank); micro-batches
+are cut from it on the host, with everything the loss reads, and cross to the run device in one place
+(``MicroBatch.to`` in ``micro_batches``). Results come back to the host once per call (``logprobs``) or as
+Python floats (``train_step``'s metrics).
+
 The loss gets a ``denominator`` so that, after megatron's schedule divides each micro-batch loss by their
 number, the step's loss is the configured aggregation over all its sequences: the released "mean over each
 sequence's tokens, then over sequences", or a mean over all tokens.
@@ -11,6 +19,7 @@ sequence's tokens, then over sequences", or a mean over all tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +100,13 @@ class Policy:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_vr1.config.base import ConfigError
+        from megatron_vr1.models.specs import ddp_settings, sequence_multiple
+        from megatron_vr1.parallel import state
 
         self.cfg = cfg
+        self.device = state.device()
+        """The run device (this rank's GPU, else the CPU): the model, micro-batches and loss inputs live there."""
+        self.length_multiple = sequence_multiple(cfg.model, cfg.parallel)
         g = cfg.grpo
         if g.warmup_steps and g.warmup_steps >= g.optimizer_steps:
             # Checked here, not in GRPOConfig: --set overrides apply one at a time, so a run shortened with
@@ -116,11 +130,14 @@ class Policy:
         self.logprob_temperature = t if tempered else 1.0
         model = build_loaded_model(self.hf_dir, self.hf_config, cfg)
         bf16 = cfg.model.dtype == "bfloat16"
-        self.model = DistributedDataParallel(
-            config=model.config, module=model,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+        from megatron.core import parallel_state
+
+        ddp_config = DistributedDataParallelConfig(**ddp_settings(parallel_state.get_data_parallel_world_size()))
+        self.model = DistributedDataParallel(config=model.config, module=model, ddp_config=ddp_config)
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.no_sync_func = self.model.no_sync
+        if ddp_config.overlap_grad_reduce:  # as Megatron-LM: every pipeline stage launches its reduce together
+            model.config.grad_sync_func = self.model.start_grad_sync
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=g.lr, min_lr=g.min_lr, weight_decay=g.weight_decay, adam_beta1=g.adam_beta1,
             adam_beta2=g.adam_beta2, clip_grad=g.grad_clip, bf16=bf16, params_dtype=model.config.params_dtype),
@@ -139,19 +156,28 @@ class Policy:
     # ---- inputs ------------------------------------------------------------------------------------------------
 
     def micro_batches(self, batch: TrainBatch, rows: list[int] | None = None,
-                      micro_batch_size: int | None = None) -> list[tuple[list[int], MicroBatch]]:
+                      micro_batch_size: int | None = None, *,
+                      loss_inputs: bool = False) -> list[tuple[list[int], MicroBatch]]:
         """``rows`` (default: all) grouped ``micro_batch_size`` at a time (default: ``parallel.micro_batch_size``),
-        each group right-padded to its longest row, with its images and mrope positions.
+        each group right-padded to its longest row (then to ``length_multiple``), with its images and mrope
+        positions, on the run device. ``loss_inputs``: also the advantages and the old / reference / rollout
+        logprobs, laid out like the targets.
 
         Right padding is exact under the causal mask: a real token never attends to a later pad. Pads have loss
         mask 0 and mrope position 0, as transformers gives padding.
         """
-        from megatron_vr1.models.mrope import mrope_position_ids
-
         rows = list(range(batch.input_ids.shape[0])) if rows is None else list(rows)
         k = micro_batch_size or self.cfg.parallel.micro_batch_size
-        if self.cfg.parallel.pack_groups:
-            return self._packed_micro_batches(batch, rows, k)
+        host = (self._packed_micro_batches(batch, rows, k) if self.cfg.parallel.pack_groups
+                else self._padded_micro_batches(batch, rows, k))
+        if loss_inputs:
+            host = [(group, self._with_loss_inputs(batch, group, mb)) for group, mb in host]
+        return [(group, mb.to(self.device)) for group, mb in host]
+
+    def _padded_micro_batches(self, batch: TrainBatch, rows: list[int], k: int) -> list[tuple[list[int], MicroBatch]]:
+        """Host micro-batches of ``k`` rows each, right-padded."""
+        from megatron_vr1.models.mrope import mrope_position_ids
+
         grids = batch.image_grid_thw
         pix_start = None
         if grids is not None:  # one image per row: patch offsets of each row in pixel_values
@@ -159,9 +185,10 @@ class Policy:
         out = []
         for g in range(0, len(rows), k):
             group = rows[g:g + k]
-            length = max(int(batch.lengths[b]) for b in group)
+            longest = max(int(batch.lengths[b]) for b in group)
+            length = -(-longest // self.length_multiple) * self.length_multiple
             index = torch.tensor(group)
-            ids = batch.input_ids.index_select(0, index)[:, :length]
+            ids = _fit(batch.input_ids.index_select(0, index), length)
             real = torch.arange(length)[None, :] < batch.lengths.index_select(0, index)[:, None]
             thw = pix = None
             if grids is not None:
@@ -169,7 +196,7 @@ class Policy:
                 pix = torch.cat([batch.pixel_values[pix_start[b]:pix_start[b + 1]] for b in group])
             targets = torch.roll(ids, -1, dims=1)
             # The logit at position t scores token t+1: shift the completion mask left by one.
-            mask = torch.roll(batch.loss_mask.index_select(0, index)[:, :length] * real, -1, dims=1)
+            mask = torch.roll(_fit(batch.loss_mask.index_select(0, index), length) * real, -1, dims=1)
             mask[:, -1] = 0
             positions = mrope_position_ids(ids, thw, self.hf_config, attention_mask=None if bool(real.all()) else real)
             out.append((group, MicroBatch(input_ids=ids, position_ids=positions, targets=targets, loss_mask=mask,
@@ -182,14 +209,13 @@ class Policy:
         completions (at least one group), each group one row."""
         from megatron_vr1.training.packing import group_rows, pack_groups
 
-        multiple = self.cfg.parallel.tensor_parallel if self.cfg.parallel.sequence_parallel else 1
         out, chunk, count = [], [], 0
         groups = group_rows(batch, rows)
         for i, members in enumerate(groups):
             chunk.append(members)
             count += len(members)
             if i + 1 == len(groups) or count + len(groups[i + 1]) > max_completions:
-                p = pack_groups(batch, chunk, self.hf_config, length_multiple=multiple)
+                p = pack_groups(batch, chunk, self.hf_config, length_multiple=self.length_multiple)
                 out.append((p.rows, MicroBatch(
                     input_ids=p.input_ids, position_ids=p.position_ids, targets=p.targets, loss_mask=p.loss_mask,
                     attention_mask=p.attention_mask, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
@@ -197,12 +223,19 @@ class Policy:
                 chunk, count = [], 0
         return out
 
+    def _with_loss_inputs(self, batch: TrainBatch, rows: list[int], mb: MicroBatch) -> MicroBatch:
+        """``mb`` (host) with the loss's per-row and per-token inputs for ``rows``."""
+        return dataclasses.replace(
+            mb, advantages=batch.advantages.index_select(0, torch.tensor(rows)).float(),
+            old_logprobs=self._scored(batch.old_logprobs, rows, mb), ref_logprobs=self._scored(batch.ref_logprobs, rows, mb),
+            rollout_logprobs=self._scored(batch.rollout_logprobs, rows, mb))
+
     @staticmethod
     def _shift(t: torch.Tensor | None, rows: list[int], length: int) -> torch.Tensor | None:
         """Per-token values stored at the token's own position -> at the position that predicts it."""
         if t is None:
             return None
-        s = torch.roll(t.index_select(0, torch.tensor(rows))[:, :length].float(), -1, dims=1)
+        s = torch.roll(_fit(t.index_select(0, torch.tensor(rows)).float(), length), -1, dims=1)
         s[:, -1] = 0
         return s
 
@@ -227,7 +260,7 @@ class Policy:
         groups = self.micro_batches(batch)
         res = pipelined_token_logprobs(model, [mb for _, mb in groups], vocab_size=self.vocab_size,
                                        compute_entropy=False, temperature=self.logprob_temperature)
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
         for (rows, mb), r in zip(groups, res):
             for i, b in enumerate(rows):
                 if mb.token_index is not None:  # packed: token_index says where each scored token sits
@@ -236,7 +269,7 @@ class Policy:
                     continue
                 length = int(batch.lengths[b])
                 out[b, 1:length] = r.logprobs[i, :length - 1]  # back to the scored token's own position
-        return out
+        return out.cpu()  # the TrainBatch is host memory: one device-to-host copy per call
 
     # ---- training ----------------------------------------------------------------------------------------------
 
@@ -255,7 +288,7 @@ class Policy:
                              "at least one (raise grpo.prompts_per_step, or lower grpo.minibatches)")
         # Every rank holds the whole batch and trains on its strided share; DDP averages the gradients.
         mine = rows[dp_rank::dp]
-        groups = self.micro_batches(batch, mine)
+        groups = self.micro_batches(batch, mine, loss_inputs=True)
         n = len(groups)
         # The schedule divides each micro-batch loss by n and DDP averages over dp ranks. Token aggregation wants
         # sum / total_tokens over the whole step; sequence aggregation a mean over this rank's sequences, so a
@@ -272,11 +305,9 @@ class Policy:
                 r = token_logprobs(mb.scoring_logits(output), mb.targets, mb.loss_mask, vocab_size=self.vocab_size,
                                    temperature=self.logprob_temperature)
                 loss, metrics = loss_fn(
-                    logprobs=r.logprobs, entropy=r.entropy, mask=r.mask,
-                    advantages=batch.advantages.index_select(0, torch.tensor(rows)).float(),
-                    old_logprobs=self._scored(batch.old_logprobs, rows, mb),
-                    ref_logprobs=self._scored(batch.ref_logprobs, rows, mb),
-                    rollout_logprobs=self._scored(batch.rollout_logprobs, rows, mb), denominator=denominator)
+                    logprobs=r.logprobs, entropy=r.entropy, mask=r.mask, advantages=mb.advantages,
+                    old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs,
+                    rollout_logprobs=mb.rollout_logprobs, denominator=denominator)
                 return loss, {k: v.detach().float().clone() for k, v in metrics.items()}
 
             return chunk(**mb.model_kwargs()), loss_func
@@ -289,7 +320,7 @@ class Policy:
             micro_batch_size=max(mb.input_ids.shape[0] for _, mb in groups), forward_only=False)
         _ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        metrics = _mean_metrics(losses if parallel_state.is_pipeline_last_stage() else None)
+        metrics = _mean_metrics(losses if parallel_state.is_pipeline_last_stage() else None, self.device)
         return StepResult(metrics=metrics, grad_norm=float(grad_norm or 0.0),
                           lr=float(self.optimizer.param_groups[0]["lr"]))
 
@@ -302,7 +333,14 @@ class Policy:
         return export_buckets(self.model, bucket_bytes, self.hf_config)
 
 
-def _mean_metrics(losses: list[dict] | None) -> dict[str, float]:
+def _fit(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` [rows, width] cut or zero-padded on the right to ``length`` columns."""
+    if t.shape[1] >= length:
+        return t[:, :length]
+    return torch.cat([t, t.new_zeros(t.shape[0], length - t.shape[1])], dim=1)
+
+
+def _mean_metrics(losses: list[dict] | None, device: torch.device) -> dict[str, float]:
     """Mean of each metric over micro-batches and DP ranks, broadcast from the last pipeline stage."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -317,8 +355,8 @@ def _mean_metrics(losses: list[dict] | None) -> dict[str, float]:
     local = None
     if losses is not None:
         local = [torch.stack([d[k].reshape(()) for d in losses]).mean().reshape(1) for k in keys]
-        vec = torch.cat(local) if local else torch.zeros(0)
+        vec = torch.cat(local) if local else torch.zeros(0, device=device)
         dist.all_reduce(vec, group=parallel_state.get_data_parallel_group())
         local = [vec / parallel_state.get_data_parallel_world_size()]
-    vec = broadcast_from_last_stage(local, torch.device("cpu"))[0] if keys else torch.zeros(0)
-    return {k: float(v) for k, v in zip(keys, vec)}
+    vec = broadcast_from_last_stage(local, device)[0] if keys else torch.zeros(0)
+    return {k: float(v) for k, v in zip(keys, vec.tolist())}  # one device-to-host copy

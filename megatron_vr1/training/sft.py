@@ -66,7 +66,8 @@ def sft_train(cfg: RunConfig, policy: Policy, samples: Iterator[Sample], *, toke
                 log.log(step, scalars)
                 records.append({"step": step, **scalars})
             out_of_time = budget_reached(started, g.time_budget_s)
-            if step % cfg.checkpoint.save_interval == 0 or step == end or out_of_time:
+            every = cfg.checkpoint.save_interval
+            if every and (step % every == 0 or step == end or out_of_time):
                 save_state(cfg, policy, step, version, dataset=dataset)
             if out_of_time:
                 break

@@ -84,11 +84,13 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    from megatron_vr1.parallel.state import device
+
+    batch = {k: v.to(device()) for k, v in next(data_iterator).items()}  # host batches -> the run device
     tokens, labels = batch["tokens"], batch["labels"]
     seq = tokens.shape[1]
-    position_ids = torch.arange(seq).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, position_ids, _causal_mask(seq), labels=labels)
+    position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, _causal_mask(seq).to(tokens.device), labels=labels)
     return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float32))
 
 
