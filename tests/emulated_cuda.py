@@ -121,7 +121,11 @@ class EmulatedCudaTensor(torch.Tensor):
 
 
 def _wrap(t: torch.Tensor) -> EmulatedCudaTensor:
-    return t if isinstance(t, EmulatedCudaTensor) else EmulatedCudaTensor(t)
+    """``t`` as an emulated tensor; a leaf that requires grad (``torch.empty(..., requires_grad=True)``) stays one."""
+    if isinstance(t, EmulatedCudaTensor):
+        return t
+    wrapped = EmulatedCudaTensor(t.detach())
+    return wrapped.requires_grad_() if t.requires_grad else wrapped
 
 
 # Ops where CUDA accepts a CPU tensor next to CUDA ones: device copies, CPU index tensors in advanced indexing.
@@ -635,7 +639,10 @@ def emulated_cuda(seed: int = 0):
                 replace(cuda_random, name, answers[name])
         for name in _COLLECTIVES:
             if hasattr(dist, name):
-                replace(dist, name, _checked(name, getattr(dist, name), gloo_groups))
+                checked = _checked(name, getattr(dist, name), gloo_groups)
+                replace(dist, name, checked)
+                if name in ("isend", "irecv"):  # P2POp accepts only the module's own isend / irecv objects
+                    replace(dist.distributed_c10d, name, checked)
         replace(dist, "batch_isend_irecv", _checked_batch(dist.batch_isend_irecv, gloo_groups))
         replace(dist, "new_group", _recording_new_group(dist.new_group, gloo_groups))
         replace(torch.nn.Module, "_apply", _attribute_keeping_apply(torch.nn.Module._apply))

@@ -15,8 +15,10 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from training_data import make_sample, run_config  # noqa: E402
 
-LAYOUTS = {"tp1": (1, 1, False), "tp2": (2, 1, False), "pp2": (1, 2, False), "tp2_packed": (2, 1, True)}
-"""name: (TP, PP, shared-prompt packing)."""
+LAYOUTS = {"tp1": (1, 1, False, False), "tp2": (2, 1, False, False), "pp2": (1, 2, False, False),
+           "tp2_packed": (2, 1, True, False), "tp2_sp": (2, 1, False, True)}
+"""name: (TP, PP, shared-prompt packing, sequence parallelism). The rows have odd lengths, so under sequence
+parallelism every micro-batch is padded to a multiple of TP (megatron splits the sequence over the TP ranks)."""
 
 
 def make_batch(hf_dir):
@@ -42,14 +44,14 @@ def make_batch(hf_dir):
     return build_train_batch(groups, preps, torch.tensor([1.0, -1.0, 0.5, -0.5]), eos_ids=[eos])
 
 
-def run_layout(hf_dir, tp, pp, packed, aggregation, baseline):
+def run_layout(hf_dir, tp, pp, packed, sp, aggregation, baseline):
     from megatron_vr1.parallel import state
     from megatron_vr1.training.policy import Policy, grpo_loss_fn
 
     cfg = run_config(Path(hf_dir), Path(hf_dir).parent / "run", lr=1e-3, beta=0.2, loss_aggregation=aggregation,
                      tis=True, lr_schedule="constant")
     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel = tp, pp
-    cfg.parallel.pack_groups = packed
+    cfg.parallel.pack_groups, cfg.parallel.sequence_parallel = packed, sp
     state.initialize(cfg.parallel)
     policy = Policy(cfg)
     batch = make_batch(hf_dir)
@@ -74,8 +76,8 @@ def main():
     torch.set_num_threads(1)
     results, baseline = {}, None
     for name in args.layouts.split(","):
-        tp, pp, packed = LAYOUTS[name]
-        results[name], weights = run_layout(args.hf_dir, tp, pp, packed, args.aggregation, baseline)
+        tp, pp, packed, sp = LAYOUTS[name]
+        results[name], weights = run_layout(args.hf_dir, tp, pp, packed, sp, args.aggregation, baseline)
         baseline = weights if baseline is None else baseline
     from megatron_vr1.parallel import state
 

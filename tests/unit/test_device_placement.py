@@ -1,19 +1,30 @@
-"""The trainer's device placement, checked on a CPU: a real GRPO train step (reference and policy logprobs,
-forward, backward, optimizer step, loss) and a weight export of the tiny Qwen2.5-VL policy, with its parameters on
-an emulated ``cuda:0`` (tests/emulated_cuda.py). Any tensor the trainer leaves on the CPU next to a device tensor
-fails here with the op that mixed them, as it would fail on the first step of a GPU job.
+"""The trainer's device placement, checked on a CPU: the tiny Qwen2.5-VL policy with its parameters on an emulated
+``cuda:0`` (tests/emulated_cuda.py), so that any tensor the trainer leaves on the CPU next to a device tensor, or
+hands to an NCCL collective, fails here with the op that mixed them, as it would fail on the first step of a GPU
+job.
 
-It runs in a fresh process (``python tests/unit/test_device_placement.py RUN_DIR``): the CPU compatibility layer
-other tests apply patches torch for good, and the emulated device must see torch as shipped. The process also
-checks the numbers: the emulated-device logprobs equal plain transformers' on the CPU.
+- a world of one: reference and policy logprobs, a real GRPO train step (forward, backward, optimizer step, the
+  loss with KL, TIS and PPO ratios), the weight export; padded and shared-prompt-packed micro-batches; the
+  logprobs equal plain transformers' on the CPU;
+- ``megatron-vr1 train``'s own loop (``commands.train.train``) for two GRPO steps with the in-process rollout
+  engine on the device: rollout, reward, update, weight sync into the engine;
+- two ranks under torchrun (gloo carries the data): DP=2 (overlapped gradient all-reduce), TP=2 (the replicated
+  vision tower is broadcast on the device) and PP=2 (pipeline receive buffers, the last stage's broadcasts, the
+  exporter's stage broadcasts) give the same gradient norm.
 
-On the code before the run-device boundary (main at 3542425) this stopped at the first forward:
+The workers run in fresh processes: the CPU compatibility layer other tests apply patches torch for good, and the
+emulated device must see torch as shipped.
+
+On the code before the run-device boundary (main at 3542425) the first test stopped at the first forward:
 ``device mix in aten.embedding.default: cpu tensor(s) of shape [(3, 60)] with cuda:0 tensors`` (the micro-batch's
-token ids, rebuilt on the CPU by ``Policy.micro_batches``).
+token ids, rebuilt on the CPU by ``Policy.micro_batches``). With only the exporter's or the metrics' CPU buffer
+put back, PP=2 stops at ``torch.distributed.broadcast got cpu tensor(s)``; with the vision tower broadcast before
+it is placed, TP=2 stops the same way.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -27,15 +38,19 @@ TESTS = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_grpo_step_on_emulated_cuda(tmp_path):
+def _run_worker(args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=600,
                           cwd=TESTS.parent, env=env)
+
+
+def test_grpo_step_and_loop_on_emulated_cuda(tmp_path):
+    proc = _run_worker(["--out", str(tmp_path), "--mode", "one"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "rank0.json").read_text())
     for layout in ("padded", "packed"):
         r = report[layout]
-        assert r["param_devices"] == ["cuda:0"], r["param_devices"]
+        assert r["param_devices"] == ["cuda:0"] and r["all_params_emulated"], r["param_devices"]
         assert r["grad_buffer_devices"] == ["cuda:0"]
         assert r["logprobs_device"] == "cpu"  # results come back to the host TrainBatch
         # Same numbers as transformers on the CPU (SDPA vs eager attention differ by ~1e-6 here).
@@ -53,9 +68,30 @@ def test_grpo_step_on_emulated_cuda(tmp_path):
                                            "masked_softmax_fusion": False}
     # What the harness refuses, it refuses: a stray CPU tensor in the loss.
     assert "device mix in" in report["stray_cpu_tensor_error"]
+    loop = report["loop"]
+    assert loop["steps"] == 2 and loop["weight_version"] == 2  # two updates, each synced into the engine
+    assert loop["engine_device"] == "cuda:0" and loop["engine_weight_version"] == 2
+    assert all(math.isfinite(v) for v in loop["last"].values())
 
 
-# ---- the worker (fresh process) -----------------------------------------------------------------------------------
+def test_parallel_layouts_on_emulated_cuda(tmp_path):
+    sys.path.insert(0, str(TESTS))
+    from helpers import torchrun
+    from training_data import tiny_hf_dir
+
+    tiny_hf_dir(tmp_path)  # built once, before the ranks start
+    ranks = torchrun(Path(__file__), 2, ["--mode", "ranks"], tmp_path, timeout=600)
+    base = ranks[0]["dp2"]
+    assert base["param_devices"] == ["cuda:0"] and base["grad_norm"] > 0
+    for r in ranks:
+        for name in ("dp2", "tp2", "pp2"):
+            got = r[name]
+            assert got["param_devices"] == ["cuda:0"], name
+            assert got["grad_norm"] == pytest.approx(base["grad_norm"], rel=1e-5), name
+            assert got["exported_tensors"] == base["exported_tensors"] and got["exported_devices"] == ["cuda:0"]
+
+
+# ---- the workers (fresh processes) -------------------------------------------------------------------------------
 
 def _transformers_logprobs(hf_dir, batch, prep) -> list[list[float]]:
     """Each row's completion-token logprobs from plain transformers on the CPU (the reference)."""
@@ -75,87 +111,160 @@ def _transformers_logprobs(hf_dir, batch, prep) -> list[list[float]]:
     return out
 
 
-def _worker(run_dir: Path) -> None:
-    sys.path.insert(0, str(TESTS))
+def _batch(hf_dir, completions, advantages):
     import torch
     from transformers import AutoTokenizer
 
-    from emulated_cuda import DeviceMixError, emulated_cuda, on_emulated_device
-    from training_data import make_sample, run_config, tiny_hf_dir
+    from training_data import make_sample
 
     from megatron_vr1.training.batch import build_train_batch, prepare_prompt
     from megatron_vr1.types import Completion, RolloutGroup
 
-    hf_dir = tiny_hf_dir(run_dir)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     prep = prepare_prompt(make_sample(0), tok, min_pixels=56 * 56, max_pixels=56 * 56)
-    completions = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62], [70]]
     comps = tuple(Completion(sample_id="s", request_id=f"r{i}", text="", token_ids=tuple(ids),
                              logprobs=tuple([-2.0] * len(ids)), finish_reason="length", weight_version=0)
                   for i, ids in enumerate(completions))
-    batch = build_train_batch([RolloutGroup(sample=prep.sample, completions=comps)], [prep],
-                              torch.tensor([1.0, -1.0, 0.5, -0.5]), eos_ids=[])
+    return build_train_batch([RolloutGroup(sample=prep.sample, completions=comps)], [prep],
+                             torch.tensor(advantages), eos_ids=[]), prep
+
+
+def _step_report(policy, batch, cfg) -> dict:
+    """Reference and policy logprobs, one GRPO step and an export, with where everything lived."""
+    import torch
+
+    from emulated_cuda import on_emulated_device
+    from megatron_vr1.training.policy import grpo_loss_fn
+
+    params = list(policy.model.parameters())
+    batch.ref_logprobs = policy.logprobs(batch, reference=True)
+    batch.old_logprobs = policy.logprobs(batch)
+    before = [t.detach().clone() for t in params[:4]]
+    result = policy.train_step(batch, grpo_loss_fn(cfg))
+    exported = [t for bucket in policy.export_buckets(1 << 20) for _name, t in bucket]
+    return {
+        "param_devices": sorted({str(t.device) for t in params}),
+        "all_params_emulated": all(on_emulated_device(t) for t in params),
+        "grad_buffer_devices": sorted({str(buf.grad_data.device) for buf in policy.model.buffers}),
+        "logprobs_device": str(batch.old_logprobs.device),
+        "reference_equals_policy_before_step": bool(torch.equal(batch.ref_logprobs, batch.old_logprobs)),
+        "metrics": result.metrics, "grad_norm": result.grad_norm,
+        "weights_changed": any(not torch.equal(x.cpu(), y.detach().cpu()) for x, y in zip(before, params)),
+        "exported_devices": sorted({str(t.device) for t in exported}), "exported_tensors": len(exported),
+        "fusions": {k: getattr(policy.model.config, k) for k in (
+            "bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion", "gradient_accumulation_fusion",
+            "masked_softmax_fusion")},
+    }
+
+
+COMPLETIONS = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62], [70]]
+ADVANTAGES = [1.0, -1.0, 0.5, -0.5]
+
+
+def _world_of_one(out: Path) -> dict:
+    import torch
+
+    from emulated_cuda import DeviceMixError, emulated_cuda
+    from training_data import run_config, tiny_hf_dir
+
+    hf_dir = tiny_hf_dir(out)
+    batch, prep = _batch(hf_dir, COMPLETIONS, ADVANTAGES)
     reference = _transformers_logprobs(hf_dir, batch, prep)
     report: dict = {}
     with emulated_cuda():
+        from megatron_vr1.commands.train import train
+        from megatron_vr1.data.synth import build_synth
         from megatron_vr1.parallel import state
         from megatron_vr1.training.policy import Policy, grpo_loss_fn
 
         assert torch.cuda.is_available()
-        for layout, parallel in (("padded", {"micro_batch_size": 3}), ("packed", {"micro_batch_size": 4,
-                                                                                  "pack_groups": True})):
+        for layout, parallel in (("padded", {"micro_batch_size": 3}),
+                                 ("packed", {"micro_batch_size": 4, "pack_groups": True})):
             # KL to a reference model, truncated importance sampling and PPO ratios: every loss input is used.
-            cfg = run_config(hf_dir, run_dir / layout, beta=0.04, tis=True, lr=1e-3, lr_schedule="constant")
+            cfg = run_config(hf_dir, out / layout, beta=0.04, tis=True, lr=1e-3, lr_schedule="constant")
             cfg.parallel.backend = "gloo"  # one process: gloo carries the emulated device's data
             for key, value in parallel.items():
                 setattr(cfg.parallel, key, value)
             state.initialize(cfg.parallel)
             try:
                 policy = Policy(cfg)
-                params = list(policy.model.parameters())
-                b = batch
-                b.ref_logprobs = policy.logprobs(b, reference=True)
-                b.old_logprobs = policy.logprobs(b)
-                gap = 0.0
+                report[layout] = _step_report(policy, batch, cfg)
                 p = len(prep.prompt_ids)
-                for row, ref in enumerate(reference):
-                    n = len(completions[row])
-                    ours = b.old_logprobs[row, p:p + n]
-                    gap = max(gap, float((ours - torch.tensor(ref[:n])).abs().max()))
-                before = [t.detach().clone() for t in params[:4]]
-                result = policy.train_step(b, grpo_loss_fn(cfg))
-                exported = [t for bucket in policy.export_buckets(1 << 20) for _name, t in bucket]
-                buffers = [buf.grad_data for buf in policy.model.buffers]
-                report[layout] = {
-                    "param_devices": sorted({str(t.device) for t in params}),
-                    "grad_buffer_devices": sorted({str(t.device) for t in buffers}),
-                    "logprobs_device": str(b.old_logprobs.device),
-                    "max_gap_vs_transformers": gap,
-                    "reference_equals_policy_before_step": bool(torch.equal(b.ref_logprobs, b.old_logprobs)),
-                    "metrics": result.metrics, "grad_norm": result.grad_norm,
-                    "weights_changed": any(not torch.equal(x.cpu(), y.detach().cpu()) for x, y in zip(before, params)),
-                    "exported_devices": sorted({str(t.device) for t in exported}),
-                    "exported_tensors": len(exported),
-                    "all_params_emulated": all(on_emulated_device(t) for t in params),
-                    "fusions": {k: getattr(policy.model.config, k) for k in (
-                        "bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion",
-                        "gradient_accumulation_fusion", "masked_softmax_fusion")},
-                }
+                report[layout]["max_gap_vs_transformers"] = max(
+                    float((batch.old_logprobs[row, p:p + len(ids)] - torch.tensor(ref[:len(ids)])).abs().max())
+                    for row, (ids, ref) in enumerate(zip(COMPLETIONS, reference)))
                 if layout == "packed":
                     def leaky_loss(**kw):  # a loss that builds a CPU tensor, as the old trainer's inputs were
                         loss, metrics = grpo_loss_fn(cfg)(**kw)
                         return loss + (kw["logprobs"] * torch.ones(kw["logprobs"].shape)).sum() * 0, metrics
 
                     try:
-                        policy.train_step(b, leaky_loss)
+                        policy.train_step(batch, leaky_loss)
                         report["stray_cpu_tensor_error"] = "none raised"
                     except DeviceMixError as e:
                         report["stray_cpu_tensor_error"] = str(e)
-                b.ref_logprobs = b.old_logprobs = None
+                batch.ref_logprobs = batch.old_logprobs = None
             finally:
                 state.destroy()
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+
+        # The trainer's own loop, rollout engine on the device (no checkpoint: dist_checkpointing writes real
+        # storage, which the emulated tensors' meta wrappers do not have).
+        paths = build_synth(out / "data", n=8, seed=0)
+        cfg = run_config(hf_dir, out / "loop", train_steps=2, beta=0.04)
+        cfg.parallel.backend, cfg.checkpoint.save_interval = "gloo", 0
+        cfg.rollout.max_new_tokens = 6
+        cfg.data.train_path = str(paths["train"])
+        engines = []
+        from megatron_vr1.training import engines as engine_module
+
+        build = engine_module.build_engine
+        engine_module.build_engine = lambda *a, **k: engines.append(build(*a, **k)) or engines[-1]
+        try:
+            records = train(cfg)
+        finally:
+            engine_module.build_engine = build
+        engine = engines[0]
+        report["loop"] = {"steps": len(records), "weight_version": records[-1]["weight_version"],
+                          "engine_weight_version": engine.weight_version,
+                          "engine_device": str(next(iter(engine._params.values())).device) if engine.model is None
+                          else str(next(engine.model.parameters()).device),
+                          "last": {k: v for k, v in records[-1].items() if isinstance(v, float)}}
+    return report
+
+
+LAYOUTS = {"dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+
+
+def _two_ranks(out: Path) -> dict:
+    from emulated_cuda import emulated_cuda
+    from training_data import run_config, tiny_hf_dir
+
+    hf_dir = tiny_hf_dir(out)
+    report = {}
+    with emulated_cuda():
+        from megatron_vr1.parallel import state
+        from megatron_vr1.training.policy import Policy
+
+        for name, (tp, pp) in LAYOUTS.items():
+            batch, _prep = _batch(hf_dir, COMPLETIONS, ADVANTAGES)
+            cfg = run_config(hf_dir, out / name, beta=0.04, tis=True, lr=1e-3, lr_schedule="constant")
+            cfg.parallel.backend, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel = "gloo", tp, pp
+            state.initialize(cfg.parallel)
+            report[name] = _step_report(Policy(cfg), batch, cfg)
+        state.destroy()  # once: re-initialising after a destroy desynchronises the ranks' group creation
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mode", choices=["one", "ranks"], required=True)
+    args = parser.parse_args()
+    sys.path.insert(0, str(TESTS))
+    out = Path(args.out)
+    report = _world_of_one(out) if args.mode == "one" else _two_ranks(out)
+    (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    main()
