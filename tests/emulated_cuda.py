@@ -137,9 +137,10 @@ _INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, to
 
 def _run_on_cpu(func, args, kwargs):
     """Run ``func`` on the CPU data of its emulated arguments; refuse a CUDA-illegal mix with CPU tensors."""
-    if func in (torch.ops.aten._to_copy.default,) and _is_cuda(kwargs.get("device")) is False and \
-            kwargs.get("device") is not None:
-        # .to("cpu") / .cpu(): the result is a plain CPU tensor.
+    device = kwargs.get("device")
+    if func is torch.ops.aten._to_copy.default and device is not None and torch.device(device).type == "cpu":
+        # .to("cpu") / .cpu(): the result is a plain CPU tensor. (A meta device here is the wrapper's own options,
+        # e.g. autograd casting a gradient back "to the input's device": handled below like cuda.)
         arg = args[0]
         data = arg.cpu_data if isinstance(arg, EmulatedCudaTensor) else arg
         return func(data, *args[1:], **kwargs)

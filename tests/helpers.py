@@ -13,12 +13,16 @@ from megatron_vr1.parallel.env import free_port
 REPO = Path(__file__).resolve().parent.parent
 
 
-def torchrun(script: str | Path, nproc: int, args: list[str], out_dir: Path, timeout: float = 300.0) -> list[dict]:
-    """Run ``script`` under torchrun with ``nproc`` gloo ranks; each rank writes ``out_dir/rank{r}.json``.
-    Returns the per-rank results (rank order). Fails the test with the workers' output on error."""
+def torchrun(script: str | Path, nproc: int, args: list[str], out_dir: Path, timeout: float = 300.0,
+             gpus: bool = False) -> list[dict]:
+    """Run ``script`` under torchrun with ``nproc`` gloo ranks (``gpus``: NCCL ranks, one GPU each); each rank
+    writes ``out_dir/rank{r}.json``. Returns the per-rank results (rank order). Fails the test with the workers'
+    output on error."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME="lo",
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(script), "--out", str(out_dir), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

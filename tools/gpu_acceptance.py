@@ -354,16 +354,15 @@ def section_tp2(shape: Shape, model_dir: Path, train_path: Path, out: Path, devi
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     from megatron_vr1.parallel.env import free_port
 
-    for tp in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), "--master_port",
-               str(free_port()), str(Path(__file__)), "--tp-worker", str(tp), "--out", str(out)]
-        if cpu:
-            cmd.append("--cpu")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            rows.append(Row("tp2", f"TP={tp} worker", "FAIL", f"exit {proc.returncode}",
-                            (proc.stderr or proc.stdout)[-300:].replace("\n", " | ")))
-            return
+    tp_worker(shape, out, 1)  # TP=1 here, in a world of one
+    release(device)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(Path(__file__)), "--tp-worker", "2", "--out", str(out)] + (["--cpu"] if cpu else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        rows.append(Row("tp2", "TP=2 worker", "FAIL", f"exit {proc.returncode}",
+                        (proc.stderr or proc.stdout)[-300:].replace("\n", " | ")))
+        return
     one, two = (json.loads((result / f"tp{tp}.json").read_text()) for tp in (1, 2))
     gap = max(abs(a - b) for a, b in zip(one["logprobs"], two["logprobs"]))
     norm_gap = abs(one["grad_norm"] - two["grad_norm"]) / max(one["grad_norm"], 1e-12)
@@ -375,8 +374,9 @@ def section_tp2(shape: Shape, model_dir: Path, train_path: Path, out: Path, devi
                     + ("2 CPU processes on gloo" if cpu else "2 GPUs, NCCL")))
 
 
-def tp_worker(shape: Shape, out: Path, tp: int, cpu: bool) -> None:
-    """One rank of the TP section: logprobs and one update's grad norm at TP=tp (fresh weights)."""
+def tp_worker(shape: Shape, out: Path, tp: int) -> None:
+    """One rank of the TP section (TP=1: this process alone): logprobs and one update's grad norm at TP=tp, fresh
+    weights, the same batch."""
     from megatron_vr1.parallel import state
     from megatron_vr1.training.policy import Policy, grpo_loss_fn
 
@@ -420,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp-worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = CPU if args.cpu else GPU
+    if args.cpu:  # before torch loads: the rehearsal must not wander onto a GPU of this host (nor its workers)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     out = Path(args.out).resolve()
     if args.tp_worker:
-        tp_worker(shape, out, args.tp_worker, args.cpu)
+        tp_worker(shape, out, args.tp_worker)
         return 0
     missing = [m for m in ("torch", "transformers", "megatron.core", "numpy", "scipy", "PIL", "safetensors",
                            "tokenizers", "torchvision") if _missing(m)]

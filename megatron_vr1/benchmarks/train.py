@@ -147,19 +147,16 @@ def megatron_step(hf_config, args, inputs: dict, dtype: torch.dtype):
     from megatron_vr1.config.model import ModelConfig
     from megatron_vr1.config.parallel import ParallelConfig
     from megatron_vr1.models.build import build_model, mrope_position_ids
-    from megatron_vr1.models.specs import resolve_impl
+    from megatron_vr1.models.specs import ddp_settings
     from megatron_vr1.training.logprobs import MicroBatch, token_logprobs
 
     model_cfg = ModelConfig(dtype=str(dtype).removeprefix("torch."), transformer_impl=args.transformer_impl,
                             attention_backend=args.attention_backend, fp8=args.fp8, fp8_recipe=args.fp8_recipe,
                             recompute=args.recompute)
-    overrides = {}
-    if torch.cuda.is_available() and resolve_impl(model_cfg) == "transformer_engine":
-        # TE provides these kernels: fused wgrad accumulation into main_grad, fused bias-SwiGLU.
-        overrides = dict(gradient_accumulation_fusion=True, bias_activation_fusion=True)
-    model = build_model(hf_config, model_cfg, ParallelConfig(), config_overrides=overrides)
+    # The trainer's build: the same fused kernels (models.specs decides them for both).
+    model = build_model(hf_config, model_cfg, ParallelConfig())
     ddp = DistributedDataParallel(config=model.config, module=model,
-                                  ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+                                  ddp_config=DistributedDataParallelConfig(**ddp_settings(1)))
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-6, clip_grad=1.0, bf16=dtype == torch.bfloat16,
@@ -308,11 +305,17 @@ def run(args: argparse.Namespace) -> int:
         peak, peak_src = peak_flops(device, dtype, args.peak_tflops)
         _init_single_process()
         from megatron_vr1.config.model import ModelConfig
+        from megatron_vr1.config.parallel import ParallelConfig
+        from megatron_vr1.models.specs import sequence_multiple
 
         cfg = ModelConfig(dtype=args.dtype, transformer_impl=args.transformer_impl, fp8=args.fp8,
                           attention_backend=args.attention_backend, fp8_recipe=args.fp8_recipe)
         impl = resolve_impl(cfg)
         attn = "TE" if impl == "transformer_engine" else resolve_attention(cfg)
+        multiple = sequence_multiple(cfg, ParallelConfig())
+        if shape.seq % multiple:
+            raise ValueError(f"--seq {shape.seq} must be a multiple of {multiple} under --fp8 (TE's FP8 GEMM "
+                             "alignment; the trainer pads its micro-batches to it)")
         inputs = make_inputs(hf_config, shape, device)
         flops = train_step_flops(hf_config, shape)
         step, held = megatron_step(hf_config, args, inputs, dtype)

@@ -116,3 +116,31 @@ def test_minibatch_step_trains_on_its_rows_only(policy_env):
         after[name] = (step.grad_norm, policy.logprobs(alone))
     assert after["rows"][0] == pytest.approx(after["alone"][0], rel=1e-5)
     assert torch.allclose(after["rows"][1], after["alone"][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_padding_to_a_length_multiple_is_exact(policy_env, packed):
+    """Micro-batches padded to a multiple of 16 (TE's FP8 GEMM alignment; TP under sequence parallelism) give the
+    logprobs and the update of unpadded ones: pads sit right of every real token, with loss mask 0."""
+    from megatron_vr1.training.policy import Policy, grpo_loss_fn
+
+    hf_dir, root = policy_env
+    completions = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62], [70]]
+    results = {}
+    for multiple in (1, 16):
+        cfg = run_config(hf_dir, root / f"multiple{multiple}{packed}", lr=1e-3, beta=0.0, lr_schedule="constant")
+        cfg.parallel.micro_batch_size, cfg.parallel.pack_groups = (4 if packed else 3), packed
+        policy = Policy(cfg)
+        assert policy.length_multiple == 1  # fp32 on the CPU, no SP: nothing to align to
+        policy.length_multiple = multiple  # what specs.sequence_multiple gives under FP8
+        batch, _prep, _tok = _batch(hf_dir, completions, [1.0, -1.0, 0.5, -0.5])
+        widths = [mb.input_ids.shape[1] for _, mb in policy.micro_batches(batch)]
+        assert all(w % multiple == 0 for w in widths), widths
+        before = policy.logprobs(batch)
+        step = policy.train_step(batch, grpo_loss_fn(cfg))
+        results[multiple] = (before, step, policy.logprobs(batch))
+    (b1, s1, a1), (b16, s16, a16) = results[1], results[16]
+    assert torch.allclose(b1, b16, atol=1e-5)
+    assert s1.grad_norm == pytest.approx(s16.grad_norm, rel=1e-4)
+    assert s1.metrics["num_tokens"] == s16.metrics["num_tokens"]
+    assert torch.allclose(a1, a16, atol=1e-5)
