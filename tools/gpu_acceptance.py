@@ -9,9 +9,9 @@ Sections (each one PASS / FAIL / SKIP with its numbers; a failing section does n
    layers, saved as a Hugging Face directory; the Megatron policy's teacher-forced logprobs against
    transformers' (SDPA) on the same device, in fp32 and in bf16. fp32 must agree to 2e-3 (both compute in fp32;
    only kernels and summation order differ). bf16 must agree to 0.02 mean and 0.25 max |delta logprob|: bf16
-   keeps 8 mantissa bits (relative rounding 2^-9 per op) and the two models round at different places
-   (megatron keeps the residual stream and attention softmax in fp32 where transformers casts), which over a few
-   layers and a 152k-way log-softmax gives per-token gaps of a few hundredths, rarely a tenth.
+   keeps 8 mantissa bits (relative rounding 2^-9 per op) and the two models round at different places (other
+   fused kernels; megatron computes the attention softmax in fp32), which over a few layers and a 152k-way
+   log-softmax gives per-token gaps of a few hundredths, rarely a tenth. Not yet run on a GPU: docs/gpu.md.
 2. grpo: ``megatron-vr1 train``'s own code path (``commands.train.train``): GRPO steps on synthetic detection rows
    with the in-process transformers rollout engine on the same GPU, reference model for the KL term, real
    reward. Step / update / rollout / sync seconds (medians after the first step), training tokens/s, TFLOP/s

@@ -289,8 +289,10 @@ def measure(spec: MeasureSpec):
     cfg.parallel = ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
                                   sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1,
                                   backend=cfg.parallel.backend, seed=cfg.parallel.seed)
-    device = state.device()
     dtype = getattr(torch, cfg.model.dtype)
+    if torch.cuda.is_available():  # this rank's GPU before anything touches one (state.initialize sets it too)
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    device = state.device()
     # The peak first, while this process does nothing else (on CPU it is a matmul timed here, per process).
     peak, peak_src = peak_flops(device, dtype, spec.peak_tflops)
     state.initialize(cfg.parallel, env)
