@@ -20,15 +20,22 @@ What it models:
   ``DeviceMixError`` for a plain CPU tensor unless the process group was created with ``backend="gloo"``
   (megatron-core's CPU-side groups). The collectives themselves run on gloo over the CPU data.
 
-What it does not model: CUDA streams and events (synchronous no-ops), NCCL itself (gloo carries the data),
-memory (capacity, fragmentation, peak numbers are 0), kernels and their numerics (every op is the CPU op), the
-separate CUDA RNG stream (the CPU generator serves both), pinned memory, CUDA graphs, multiple devices.
+- The device's own random generator (``torch.cuda.default_generators[0]``, a CPU generator here): random ops on
+  emulated tensors draw from it, so megatron's CUDA RNG tracker forks it as on a GPU.
 
-It never patches the code under test: only torch's ``torch.cuda`` namespace, ``torch.distributed``'s collective
-entry points and ``Module._apply`` (so that ``Module.cuda()`` keeps parameter attributes such as megatron's
-``tensor_model_parallel``, as ``param.data = ...`` does on a GPU) are replaced, and only inside the context.
-Run code under it in a fresh process: megatron_vr1's CPU compatibility layer (``parallel.cpu_compat``) patches
-torch for good and must not have been applied.
+What it does not model: CUDA streams and events (synchronous no-ops), NCCL itself (gloo carries the data),
+memory (capacity, fragmentation; peak numbers are 0), kernels and their numerics (every op is the CPU op, so
+random numbers differ from a GPU's), pinned memory, CUDA graphs, several devices (every rank is on cuda:0).
+
+How: the wrapper lives on the meta device (a wrapper on cuda would make c10 ask for the CUDA driver), so a few
+composite functions whose C++ bodies build tensors from their inputs' options run on the host as a whole
+(``_HOST_FUNCTIONS``); the harness says which function to add there when it meets another one.
+
+It never patches the code under test: only torch's ``torch.cuda`` / ``torch.accelerator`` queries,
+``torch.distributed``'s collective entry points and ``Module._apply`` (so that ``Module.cuda()`` keeps parameter
+attributes such as megatron's ``tensor_model_parallel``, as ``param.data = ...`` does on a GPU) are replaced, and
+only inside the context. Run code under it in a fresh process: megatron_vr1's CPU compatibility layer
+(``parallel.cpu_compat``) patches torch for good and must not have been applied.
 """
 
 from __future__ import annotations
@@ -230,11 +237,11 @@ class _OnHost(torch.autograd.Function):
     their inputs' options in C++ would otherwise make meta tensors from the wrapper."""
 
     @staticmethod
-    def forward(ctx, fn, kwargs, *inputs):
+    def forward(ctx, fn, *inputs):
         host = [t.cpu_data.detach().requires_grad_(t.requires_grad) if isinstance(t, EmulatedCudaTensor) else t
                 for t in inputs]
         with torch.enable_grad():
-            out = fn(*host, **kwargs)
+            out = fn(*host)
         ctx.host, ctx.out = host, out
         return EmulatedCudaTensor(out.detach())
 
@@ -246,7 +253,7 @@ class _OnHost(torch.autograd.Function):
         out: list[Any] = [None] * len(ctx.host)
         for i, g in zip(wanted, grads):
             out[i] = None if g is None else EmulatedCudaTensor(g)
-        return (None, None, *out)
+        return (None, *out)
 
 
 def _on_host(func, args, kwargs):
@@ -254,18 +261,14 @@ def _on_host(func, args, kwargs):
     if plain:
         raise DeviceMixError(f"device mix in {getattr(func, '__name__', func)}: cpu tensor(s) of shape {plain} with "
                              "cuda:0 tensors; a GPU refuses this (move the tensor to the run device)")
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if len(tensors) != len(args) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
-        # Tensor keyword arguments (an attention mask): pass them positionally through a closure-free shim.
-        names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-        fixed = {k: v for k, v in kwargs.items() if k not in names}
-        n = len(args)
+    # Tensor keyword arguments (an attention mask) go in positionally, so that autograd sees every tensor input.
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    fixed = {k: v for k, v in kwargs.items() if k not in names}
 
-        def call(*ts, _fn=func, _names=names, _fixed=fixed, _n=n):
-            return _fn(*ts[:_n], **_fixed, **dict(zip(_names, ts[_n:])))
+    def call(*values):
+        return func(*values[:len(args)], **fixed, **dict(zip(names, values[len(args):])))
 
-        return _OnHost.apply(call, {}, *args, *[kwargs[k] for k in names])
-    return _OnHost.apply(func, kwargs, *args)
+    return _OnHost.apply(call, *args, *(kwargs[k] for k in names))
 
 
 # Composite functions whose C++ bodies build tensors from their inputs' options or with Python dispatch off
@@ -384,7 +387,7 @@ class _PlacementMode(TorchFunctionMode):
             return _tensor_to(*args, **kwargs)
         if func is torch.Tensor.cuda and args and not isinstance(args[0], EmulatedCudaTensor):
             return _tensor_cuda(*args, **kwargs)
-        if func is torch.Tensor.pin_memory:
+        if func is torch.Tensor.pin_memory and not isinstance(args[0], EmulatedCudaTensor):
             return args[0]  # page-locking is a no-op here; the data stays where it is
         if func in (torch.tensor, torch.as_tensor) and args and _holds_emulated(args[0]):
             return _tensor_from_data(func, args, kwargs)
