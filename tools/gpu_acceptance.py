@@ -230,7 +230,7 @@ def section_parity(shape: Shape, model_dir: Path, train_path: Path, out: Path, d
             ids = batch.input_ids[b:b + 1, :int(batch.lengths[b])].to(device)
             with torch.no_grad():
                 logits = hf(input_ids=ids, pixel_values=prep.pixel_values.to(device),
-                            image_grid_thw=batch.image_grid_thw[b:b + 1].to(device),
+                            image_grid_thw=batch.image_grid_thw[int(batch.group_ids[b])][None].to(device),
                             mm_token_type_ids=(ids == hf.config.image_token_id).int()).logits.float()
             ref = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
             p = int(batch.prompt_lengths[b])

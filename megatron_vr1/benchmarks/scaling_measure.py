@@ -152,7 +152,8 @@ def synthetic_batch(hf_config: dict, layout: Layout, seed: int = 0):
     return TrainBatch(input_ids=ids, loss_mask=mask, advantages=(adv - adv.mean()) / (adv.std() + 1e-4),
                       rollout_logprobs=-torch.rand(b, s, generator=g) * mask,
                       pixel_values=torch.randn(b * side * side, channels, generator=g),
-                      image_grid_thw=torch.tensor([[1, side, side]] * b), lengths=torch.full((b,), s))
+                      image_grid_thw=torch.tensor([[1, side, side]] * b), lengths=torch.full((b,), s),
+                      group_ids=torch.arange(b))  # every row its own image: the longest step the recipe makes
 
 
 def step_flops(model_dir: Path, layout: Layout, with_reference: bool) -> float:
@@ -301,7 +302,14 @@ def measure(spec: MeasureSpec):
         dist.barrier()
         cfg.model.hf_path = str(model_dir)
         policy = Policy(cfg, hf_dir=model_dir)
-        batch = synthetic_batch(policy.hf_config, layout)
+        from megatron.core import parallel_state
+
+        from megatron_vr1.training.sharding import shard_batch
+
+        # this data-parallel rank's share of the global batch, as the trainer's loop hands it out
+        shard = shard_batch(synthetic_batch(policy.hf_config, layout), layout.dp)[
+            parallel_state.get_data_parallel_rank()]
+        batch = shard.batch
         loss_fn = grpo_loss_fn(cfg)
 
         def step() -> float:
@@ -310,7 +318,7 @@ def measure(spec: MeasureSpec):
             t0 = time.perf_counter()
             if policy.reference is not None:
                 batch.ref_logprobs = policy.logprobs(batch, reference=True)
-            policy.train_step(batch, loss_fn)
+            policy.train_step(batch, loss_fn, rows=shard.minibatches[0], totals=shard.totals[0])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return time.perf_counter() - t0

@@ -28,13 +28,14 @@ from megatron_vr1.checkpoint.rng import capture_rng_state, restore_rng_state
 
 FORMAT_VERSION = 1
 MODEL_OPTIM = "model_optim"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-"""For megatron's DistributedOptimizer: the canonical per-parameter layout, loadable at another DP/TP/PP layout
-("dp_reshardable" only reshards DP; the older default "fully_sharded_model_space" fails on megatron-core 0.19
-with "ShardedTensor.flattened_range is not supported"). The non-distributed optimizer ignores it.
-Known gap: on CPU without TE/Apex, megatron-core 0.19.2's DistributedOptimizer saves this format but cannot
-load it into a fresh optimizer (its state_dict() asserts a shared Adam step count that a never-stepped
-optimizer lacks); the non-distributed optimizer round-trips at any layout (tests/distributed)."""
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""For megatron's DistributedOptimizer: its shards in bucket space, loadable at another data-parallel size with
+the same TP and PP (Megatron-LM's default). "fully_reshardable" would also reshard TP/PP, but megatron-core
+0.19.2 cannot load it into torch's Adam (the optimizer without TE / apex: ``KeyError: 'step'`` in
+``_set_main_param_and_optimizer_states``), and "fully_sharded_model_space" fails with "ShardedTensor.
+flattened_range is not supported". A resume at another TP/PP is refused with what to do instead (the model
+weights always reshard: ``checkpoint.init_from``). The non-distributed optimizer ignores this: its state is
+saved like the weights and loads at any layout."""
 MAX_STATE_BYTES = 1 << 20
 """Cap on the JSON loop state: it is for counters and positions, not data."""
 
@@ -101,6 +102,52 @@ def _chunks(model) -> list:
     return [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
 
 
+def _seed_torch_adam_state(optimizer) -> None:
+    """Give a never-stepped DistributedOptimizer over torch's Adam (no TE / apex: the CPU, or a GPU without
+    them) the per-parameter state torch creates at its first step (a zero step count, zero moments).
+
+    megatron-core 0.19.2's ``DistributedOptimizer.state_dict()``, which its loading path calls, reads the shared
+    step count from that state and asserts there is exactly one; a fresh optimizer has none. Loading then
+    overwrites every entry. (TE's and apex's FusedAdam keep the step in the param group and need nothing.)"""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state.get(p):
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _restore_torch_adam_step(optimizer) -> None:
+    """Set torch Adam's per-parameter step count of a DistributedOptimizer to the loaded one.
+
+    megatron-core 0.19.2 restores it into each param group (``param_group["step"]``) and then overwrites the
+    per-parameter copy, which torch's Adam reads for its bias correction, with the template's; without this a
+    resumed run would restart the bias correction at step 0."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                if "step" in inner.state.get(p, {}):
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]))
+
+
+def _uses_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _sharded_state(chunks: list, optimizer, *, is_loading: bool) -> dict[str, Any]:
     state: dict[str, Any] = {}
     model_state: dict[str, Any] = {}
@@ -109,6 +156,8 @@ def _sharded_state(chunks: list, optimizer, *, is_loading: bool) -> dict[str, An
         state[key] = chunk.sharded_state_dict()
         model_state |= state[key]
     if optimizer is not None:
+        if is_loading:
+            _seed_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
                                                           metadata=dict(OPTIMIZER_METADATA))
     return state
@@ -157,7 +206,9 @@ def save_checkpoint(*, save_dir: str | Path, step: int, model, optimizer=None,
     _barrier()  # every rank has written its shards and RNG file
     published = save_dir / layout.iter_name(step)
     if rank == 0:
-        meta = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(), "layout": _layout(),
+        meta = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(),
+                "layout": _layout() | {"distributed_optimizer": optimizer is not None and
+                                       _uses_distributed_optimizer(optimizer)},
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "has_optimizer": optimizer is not None, "state": json.loads(state_text)}
         (tmp / layout.MARKER).write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -166,6 +217,25 @@ def save_checkpoint(*, save_dir: str | Path, step: int, model, optimizer=None,
             layout.prune(save_dir, keep_last)
     _barrier()
     return published
+
+
+def _check_optimizer_layout(path: Path, saved: dict[str, Any], optimizer) -> None:
+    """Refuse, with what to do, an optimizer state that this optimizer cannot read (see OPTIMIZER_METADATA)."""
+    distributed = _uses_distributed_optimizer(optimizer)
+    was = bool(saved.get("distributed_optimizer", False))
+    if was != distributed:
+        raise layout.CheckpointError(
+            f"{path} holds {'distributed' if was else 'non-distributed'} optimizer state; resume with "
+            f"parallel.distributed_optimizer={str(was).lower()}, or start a new run from its weights with "
+            f"checkpoint.init_from={path.parent} (fresh Adam moments)")
+    now = _layout()
+    moved = [k for k in ("tensor_parallel", "pipeline_parallel") if k in saved and saved[k] != now.get(k)]
+    if distributed and moved:
+        raise layout.CheckpointError(
+            f"{path}: the distributed optimizer's state reshards over data-parallel ranks only; it was saved at "
+            + ", ".join(f"{k}={saved[k]}" for k in moved) + " and this run has "
+            + ", ".join(f"{k}={now.get(k)}" for k in moved) + ". Resume with the saved TP/PP, or start from its "
+            f"weights at the new layout with checkpoint.init_from={path.parent} (fresh Adam moments)")
 
 
 def load_checkpoint(*, load_dir: str | Path, model, optimizer=None, scheduler: StatefulScheduler | None = None,
@@ -190,13 +260,17 @@ def load_checkpoint(*, load_dir: str | Path, model, optimizer=None, scheduler: S
     if want_optimizer and not meta["has_optimizer"]:
         raise layout.CheckpointError(f"{path} holds no optimizer state: resume with load_optimizer=False "
                                      "(fresh Adam moments) if that is intended")
+    if want_optimizer:
+        _check_optimizer_layout(path, meta["layout"], optimizer)
     chunks = _chunks(model)
     sharded = _sharded_state(chunks, optimizer if want_optimizer else None, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path / MODEL_OPTIM))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
     if want_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # it copies into the (grad-requiring) main parameters in place
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_torch_adam_step(optimizer)
     if scheduler is not None:
         if meta["scheduler"] is None:
             raise layout.CheckpointError(f"{path} holds no scheduler state but a scheduler was passed")

@@ -20,6 +20,8 @@ BENCHES: dict[str, tuple[str, str, int]] = {
     "coco": ("coco", "COCO bbox evaluation time: faster-coco-eval vs pycocotools", 9),
     "scaling": ("scaling", "step time / tokens/s / MFU across node counts and layouts", 10),
     "grpo-step": ("grpo_step", "the CPU demo's GRPO step: SGLang rollout and policy update vs their baselines", 8),
+    "batch": ("batch_transport", "bytes and seconds to ship a GRPO step's batch to the ranks: whole-batch broadcast "
+              "vs data-parallel shards", 20),
 }
 
 

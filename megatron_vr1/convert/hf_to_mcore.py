@@ -41,11 +41,12 @@ class ConvertReport:
 
 
 def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
-                        dtype: str | None = None) -> ConvertReport:
+                        dtype: str | None = None, pp_first: int = 0, pp_last: int = 0) -> ConvertReport:
     """Write ``out_dir`` (torch_dist) from the HF checkpoint in ``hf_dir``; vocabulary padded for ``tp``.
-    ``dtype``: float32 / bfloat16 / float16, default the checkpoint's own."""
+    ``dtype``: float32 / bfloat16 / float16, default the checkpoint's own. ``pp`` / ``pp_first`` / ``pp_last``
+    only check the layout the trainer will load it at (torch_dist stores global tensors: any layout loads it)."""
     config = load_config(hf_dir)
-    check_layout(config, tp, pp)
+    check_layout(config, tp, pp, pp_first, pp_last)
     reader = SafetensorsReader(hf_dir)  # validates every header: a truncated file fails here, named
     dtype = dtype or hf_dtype(reader)
     padded = padded_vocab(arch_from_config(config).vocab_size, tp)

@@ -37,36 +37,56 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_layout(hf_config: Any, tp: int, pp: int) -> None:
-    """TP must divide the attention and key/value heads, PP the layers; raise naming the option and the fix."""
+def check_layout(hf_config: Any, tp: int, pp: int, pp_first: int = 0, pp_last: int = 0) -> None:
+    """The trainer's layout check (``config.parallel.check_layout``) in the converters' words: TP divides the
+    attention and key/value heads, the pipeline split is one megatron builds (``--pp-first`` / ``--pp-last``
+    for uneven stages)."""
+    from megatron_vr1.config.base import ConfigError
+    from megatron_vr1.config.parallel import check_layout as check
+
     arch = arch_from_config(hf_config)
     if tp < 1 or pp < 1:
         raise ConversionError(f"--tp {tp} --pp {pp}: both must be >= 1")
-    if arch.num_heads % tp or arch.num_kv_heads % tp:
-        raise ConversionError(f"--tp {tp} must divide the {arch.num_heads} attention heads and {arch.num_kv_heads} "
-                              f"key/value heads; choose a divisor of {arch.num_kv_heads}")
-    if arch.num_layers % pp:
-        raise ConversionError(f"--pp {pp} must divide the {arch.num_layers} layers; choose a divisor of them")
+    try:
+        check(_parallel(tp, pp, pp_first, pp_last), num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
+              num_layers=arch.num_layers)
+    except ConfigError as e:
+        flags = {"parallel.tensor_parallel": "--tp", "parallel.pipeline_parallel": "--pp",
+                 "parallel.pipeline_first_stage_layers": "--pp-first", "parallel.pipeline_last_stage_layers": "--pp-last"}
+        text = str(e)
+        for field, flag in flags.items():
+            text = text.replace(field + "=", flag + " ").replace(field, flag)
+        raise ConversionError(text) from None
 
 
-def ensure_parallel(tp: int = 1, pp: int = 1) -> None:
+def _parallel(tp: int, pp: int, pp_first: int = 0, pp_last: int = 0):
+    from megatron_vr1.config.base import ConfigError
+    from megatron_vr1.config.parallel import ParallelConfig
+
+    try:
+        return ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, pipeline_first_stage_layers=pp_first,
+                              pipeline_last_stage_layers=pp_last)
+    except ConfigError as e:
+        raise ConversionError(str(e).replace("parallel.pipeline_first_stage_layers", "--pp-first")
+                              .replace("parallel.pipeline_last_stage_layers", "--pp-last")) from None
+
+
+def ensure_parallel(tp: int = 1, pp: int = 1, pp_first: int = 0, pp_last: int = 0) -> None:
     """Initialise torch.distributed + megatron's groups at (tp, pp) unless this process already has them
     (a plain process becomes a world of one on gloo; under torchrun the world must be a multiple of tp*pp)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_vr1.config.parallel import ParallelConfig
     from megatron_vr1.parallel import state
 
     if ps.model_parallel_is_initialized() and (ps.get_tensor_model_parallel_world_size(),
                                                ps.get_pipeline_model_parallel_world_size()) == (tp, pp):
         return
-    state.initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+    state.initialize(_parallel(tp, pp, pp_first, pp_last))
 
 
-def build(hf_config: dict, dtype: str, tp: int, pp: int, padded_vocab: int):
+def build(hf_config: dict, dtype: str, tp: int, pp: int, padded_vocab: int, pp_first: int = 0, pp_last: int = 0):
     """This rank's model chunk at the current (tp, pp), padded to exactly ``padded_vocab`` rows."""
     from megatron_vr1.config.model import ModelConfig
-    from megatron_vr1.config.parallel import ParallelConfig
     from megatron_vr1.models.build import build_model
 
     arch = arch_from_config(hf_config)
@@ -77,7 +97,7 @@ def build(hf_config: dict, dtype: str, tp: int, pp: int, padded_vocab: int):
     cfg = ModelConfig(dtype=dtype, transformer_impl="local", make_vocab_size_divisible_by=padded_vocab // tp)
     # No random init: every weight is loaded or converted right after (the loaders fail naming any tensor they
     # do not fill), and on CPU megatron's init of a 1 GB model takes 6-10 s, longer than the conversion itself.
-    return build_model(hf_config, cfg, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
+    return build_model(hf_config, cfg, _parallel(tp, pp, pp_first, pp_last),
                        config_overrides={"perform_initialization": False})
 
 

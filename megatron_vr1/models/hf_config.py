@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from megatron_vr1.config.base import ConfigError
 from megatron_vr1.config.model import ModelConfig
-from megatron_vr1.config.parallel import ParallelConfig
+from megatron_vr1.config.parallel import ParallelConfig, check_layout
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,13 +118,7 @@ def transformer_config_from_hf(hf_config: Any, model_cfg: ModelConfig, parallel_
     arch = text_arch(hf_config)
     if arch.hidden_act != "silu":
         raise ConfigError(f"hf_config: hidden_act={arch.hidden_act!r} is not supported; Qwen2 models use 'silu'")
-    if arch.num_heads % parallel_cfg.tensor_parallel or arch.num_kv_heads % parallel_cfg.tensor_parallel:
-        raise ConfigError(
-            f"parallel.tensor_parallel={parallel_cfg.tensor_parallel} must divide the attention heads "
-            f"({arch.num_heads}) and key/value heads ({arch.num_kv_heads}); choose a divisor of {arch.num_kv_heads}")
-    if arch.num_layers % parallel_cfg.pipeline_parallel:
-        raise ConfigError(f"parallel.pipeline_parallel={parallel_cfg.pipeline_parallel} must divide the "
-                          f"{arch.num_layers} layers; choose a divisor of {arch.num_layers}")
+    check_layout(parallel_cfg, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, num_layers=arch.num_layers)
     dtype = torch_dtype(model_cfg)
     on_gpu = torch.cuda.is_available()
     recompute = {}
@@ -144,6 +138,8 @@ def transformer_config_from_hf(hf_config: Any, model_cfg: ModelConfig, parallel_
         mrope_section=list(arch.mrope_section) if arch.mrope_section else None,
         tensor_model_parallel_size=parallel_cfg.tensor_parallel,
         pipeline_model_parallel_size=parallel_cfg.pipeline_parallel,
+        num_layers_in_first_pipeline_stage=parallel_cfg.pipeline_first_stage_layers or None,
+        num_layers_in_last_pipeline_stage=parallel_cfg.pipeline_last_stage_layers or None,
         sequence_parallel=parallel_cfg.sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         # Micro-batches of different lengths go through the pipeline: exchange shapes before each p2p.

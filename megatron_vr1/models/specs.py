@@ -138,11 +138,17 @@ def fusion_settings(model_cfg: ModelConfig, stack: KernelStack, *, rows_per_micr
         persist_layer_norm=False)  # apex's persistent LayerNorm; Qwen uses RMSNorm (TE's or torch's)
 
 
-def ddp_settings(data_parallel_size: int) -> dict[str, bool]:
+def ddp_settings(data_parallel_size: int, distributed_optimizer: bool = False) -> dict[str, bool]:
     """megatron DistributedDataParallelConfig fields: gradients reduced in fp32; with DP > 1 each bucket's
-    all-reduce starts as soon as its gradients are ready, overlapping the rest of the backward pass.
-    (Overlapping the parameter all-gather needs the distributed optimizer, which the trainer does not use.)"""
-    return dict(grad_reduce_in_fp32=True, overlap_grad_reduce=data_parallel_size > 1)
+    all-reduce (reduce-scatter under the distributed optimizer) starts as soon as its gradients are ready,
+    overlapping the rest of the backward pass.
+
+    The distributed optimizer's parameter all-gather is not overlapped with the next forward
+    (``overlap_param_gather``): the RL loop reads the new weights right after every optimizer step (weight sync to
+    the rollout engine, logprobs, checkpoints), each of which would first have to force the pending gather; the
+    gather runs inside ``optimizer.step()`` instead."""
+    return dict(grad_reduce_in_fp32=True, overlap_grad_reduce=data_parallel_size > 1,
+                use_distributed_optimizer=distributed_optimizer)
 
 
 def sequence_multiple(model_cfg: ModelConfig, parallel_cfg) -> int:

@@ -7,7 +7,8 @@ and friends, ``vision_ids``) cannot be replayed by the trainer, whose model scat
 image-pad position, so it is left out of the loss (transformers raises "image features and image tokens do not
 match" on such rows). Rows left without any loss token are dropped: they carry no gradient and would only dilute
 the per-sequence mean. Rollout logprobs sit at the position of the token they
-score, aligned with ``input_ids``.
+score, aligned with ``input_ids``. A group's image is stored once (``pixel_values`` / ``image_grid_thw`` per group,
+``group_ids`` per row): the G completions of a prompt share it, and so does everything that ships the batch.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def build_train_batch(groups: Sequence[RolloutGroup], prompts: Sequence[Prepared
     if not rows:
         return None
     lengths = [len(p.prompt_ids) + n for p, _c, n, *_ in rows]
+    kept_groups = sorted({r[4] for r in rows})  # groups left with at least one row, renumbered 0..n-1
+    local_id = {g: i for i, g in enumerate(kept_groups)}
+    group_prompt = {r[4]: r[0] for r in rows}
     width = max(lengths)
     b = len(rows)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -95,11 +99,50 @@ def build_train_batch(groups: Sequence[RolloutGroup], prompts: Sequence[Prepared
             rollout_lp[i, p:p + n] = torch.tensor(c.logprobs[:n], dtype=torch.float32)
     return TrainBatch(
         input_ids=input_ids, loss_mask=loss_mask, advantages=torch.tensor([r[3] for r in rows], dtype=torch.float32),
-        rollout_logprobs=rollout_lp, pixel_values=torch.cat([p.pixel_values for p, *_ in rows]),
-        image_grid_thw=torch.tensor([list(p.image_grid_thw) for p, *_ in rows]),
+        rollout_logprobs=rollout_lp, pixel_values=torch.cat([group_prompt[g].pixel_values for g in kept_groups]),
+        image_grid_thw=torch.tensor([list(group_prompt[g].image_grid_thw) for g in kept_groups]),
         weight_versions=[c.weight_version for _p, c, *_ in rows], lengths=torch.tensor(lengths),
         prompt_lengths=torch.tensor([len(p.prompt_ids) for p, *_ in rows]),
-        group_ids=torch.tensor([r[4] for r in rows]))
+        group_ids=torch.tensor([local_id[r[4]] for r in rows]))
+
+
+def image_offsets(batch: TrainBatch) -> list[int]:
+    """Patch offsets of each group's image in ``batch.pixel_values`` (one more entry than images)."""
+    grids = batch.image_grid_thw
+    return torch.cat([torch.zeros(1, dtype=torch.long), grids.prod(dim=1).cumsum(0)]).tolist()
+
+
+def row_images(batch: TrainBatch, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, image_grid_thw) with one image per row of ``rows``, in order (an unpacked micro-batch)."""
+    offsets = image_offsets(batch)
+    groups = [int(batch.group_ids[r]) for r in rows]
+    pixels = torch.cat([batch.pixel_values[offsets[g]:offsets[g + 1]] for g in groups])
+    return pixels, batch.image_grid_thw[torch.tensor(groups)]
+
+
+def select_rows(batch: TrainBatch, rows: Sequence[int]) -> TrainBatch:
+    """The sub-batch of ``rows`` (in that order) with the images of their groups only, each once; groups are
+    renumbered in order of first appearance. Per-token fields keep the batch's width."""
+    index = torch.tensor(list(rows), dtype=torch.long)
+    pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+    old_groups: list[int] = []
+    for r in rows:
+        g = int(batch.group_ids[r])
+        if g not in old_groups:
+            old_groups.append(g)
+    renumber = {g: i for i, g in enumerate(old_groups)}
+    pixels = grids = None
+    if batch.image_grid_thw is not None:
+        offsets = image_offsets(batch)
+        pixels = torch.cat([batch.pixel_values[offsets[g]:offsets[g + 1]] for g in old_groups])
+        grids = batch.image_grid_thw[torch.tensor(old_groups)]
+    return TrainBatch(
+        input_ids=pick(batch.input_ids), loss_mask=pick(batch.loss_mask), advantages=pick(batch.advantages),
+        rollout_logprobs=pick(batch.rollout_logprobs), old_logprobs=pick(batch.old_logprobs),
+        ref_logprobs=pick(batch.ref_logprobs), pixel_values=pixels, image_grid_thw=grids,
+        weight_versions=[batch.weight_versions[r] for r in rows] if batch.weight_versions else [],
+        lengths=pick(batch.lengths), prompt_lengths=pick(batch.prompt_lengths),
+        group_ids=torch.tensor([renumber[int(batch.group_ids[r])] for r in rows]))
 
 
 def sft_batch(prompts: Sequence[PreparedPrompt], targets: Sequence[Sequence[int]], *, pad_id: int = 0) -> TrainBatch:

@@ -7,8 +7,9 @@
                weight_version + 1 -> log, incl. the train/rollout logprob gap
                -> periodic checkpoint (and a final one when grpo.time_budget_s is spent)
 
-Rank 0 drives the rollout engine and the reward worker; the TrainBatch is broadcast to every rank, every rank
-takes its DP share of the update, and the weight export is collective.
+Rank 0 drives the rollout engine and the reward worker and splits the step's TrainBatch into one shard per
+data-parallel rank (whole groups, each image once: training/sharding.py); each rank receives and trains on its
+shard only, and the weight export is collective.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from megatron_vr1.rollout.engine import GenerationRequest, RolloutEngine, Sampli
 from megatron_vr1.training.batch import PreparedPrompt, build_train_batch, prepare_prompt
 from megatron_vr1.training.metrics import MetricsLogger
 from megatron_vr1.training.policy import Policy, grpo_loss_fn
-from megatron_vr1.training.state import (broadcast_object, budget_reached, is_rank0, load_or_start,
-                                         reward_scalars, save_state, sync_weights)
+from megatron_vr1.training.sharding import shard_batch
+from megatron_vr1.training.state import (budget_reached, is_rank0, load_or_start, reward_scalars, save_state,
+                                         scatter_shards, sync_weights)
 from megatron_vr1.types import RolloutGroup, Sample
 
 
@@ -50,15 +52,6 @@ def rollout_and_score(engine: RolloutEngine, prompts: list[PreparedPrompt], cfg:
         futures.append(worker.submit(texts, targets, step))
     rewards = [r for f in futures for r in f.result()]
     return groups, rewards
-
-
-def minibatch_rows(n_rows: int, group_size: int, minibatches: int) -> list[list[int]]:
-    """The rows of each PPO mini-batch: whole groups (rows are laid out group after group), as even as the
-    number of groups allows (a dynamic-sampling batch may be short); never an empty mini-batch."""
-    groups = n_rows // group_size
-    k = max(1, min(minibatches, groups))
-    bounds = [round(i * groups / k) for i in range(k + 1)]
-    return [list(range(bounds[i] * group_size, bounds[i + 1] * group_size)) for i in range(k)]
 
 
 @dataclass(slots=True)
@@ -111,7 +104,10 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
     from megatron_vr1.rewards.schedule import RefinementSchedule
     from megatron_vr1.rewards.worker import RewardWorker
 
+    from megatron.core import parallel_state
+
     g, rank0 = cfg.grpo, is_rank0()
+    dp = parallel_state.get_data_parallel_world_size()
     schedule = RefinementSchedule.from_config(cfg.reward, total_steps=g.train_steps)
     dynamic = (DynamicSampler(target_groups=g.prompts_per_step, max_rounds=g.dynamic_sampling_max_rounds)
                if g.dynamic_sampling else None)
@@ -126,7 +122,7 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
         end = g.stop_at_step or g.train_steps  # stop_at_step: a checkpoint partway through the schedule
         for step in range(start + 1, end + 1):
             t0 = time.time()
-            batch, scalars = None, {}
+            batch, shards, scalars = None, None, {}
             if rank0:
                 kept, groups, rewards, zero_var = sample_step(engine, samples, tokenizer, cfg, worker, step, dynamic)
                 # Dynamic sampling can come back empty-handed (every group flat after its round cap): no update.
@@ -141,15 +137,19 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                 if dynamic is not None:
                     scalars.update({f"dynamic_sampling/{k}": float(v) for k, v in dynamic.counters.items()})
                 scalars["rollout/time_s"] = time.time() - t0
-            batch = broadcast_object(batch)
-            if batch is not None:
+                shards = shard_batch(batch, dp, g.minibatches) if batch is not None else None
+            t_scatter = time.time()
+            shard = scatter_shards(shards)  # each rank: its data-parallel rank's rows only
+            scalars["time/scatter_s"] = time.time() - t_scatter
+            if shard is not None:
                 t_train = time.time()
+                mine = shard.batch
                 if g.beta > 0:
-                    batch.ref_logprobs = policy.logprobs(batch, reference=True)
+                    mine.ref_logprobs = policy.logprobs(mine, reference=True)
                 if g.steps_per_batch > 1:
-                    batch.old_logprobs = policy.logprobs(batch)
-                results = [policy.train_step(batch, loss_fn, rows=rows) for _ in range(g.updates_per_batch)
-                           for rows in minibatch_rows(batch.input_ids.shape[0], g.num_generations, g.minibatches)]
+                    mine.old_logprobs = policy.logprobs(mine)
+                results = [policy.train_step(mine, loss_fn, rows=rows, totals=totals) for _ in range(g.updates_per_batch)
+                           for rows, totals in zip(shard.minibatches, shard.totals)]
                 scalars.update({f"train/{k}": sum(r.metrics[k] for r in results) / len(results)
                                 for k in results[-1].metrics},
                                **{"train/grad_norm": sum(r.grad_norm for r in results) / len(results),
@@ -159,7 +159,7 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                 sync_weights(policy, engine if rank0 else None, version, cfg)  # the export is collective
                 scalars["time/train_s"], scalars["time/sync_s"] = t_sync - t_train, time.time() - t_sync
             scalars["time/step_s"] = elapsed = time.time() - t0
-            if batch is not None:
+            if batch is not None:  # rank 0 keeps the whole step's batch for its logs
                 scalars["throughput/tokens_per_s"] = float(batch.loss_mask.sum()) / max(elapsed, 1e-9)
                 scalars["throughput/train_tokens"] = float(batch.lengths.sum())  # prompts + completions, per pass
             scalars["time/elapsed_s"] = time.time() - started  # training seconds so far (what the budget counts)

@@ -69,11 +69,9 @@ def pack_groups(batch: TrainBatch, groups: list[list[int]], hf_config: Any, *, p
     the TP ranks).
     """
     from megatron_vr1.models.mrope import mrope_position_ids
+    from megatron_vr1.training.batch import row_images
 
     grids = batch.image_grid_thw
-    pix_start = None
-    if grids is not None:
-        pix_start = torch.cat([torch.zeros(1, dtype=torch.long), grids.prod(dim=1).cumsum(0)]).tolist()
     packed_ids, packed_pos, segments, prompt_lens = [], [], [], []
     for members in groups:
         first = members[0]
@@ -82,14 +80,12 @@ def pack_groups(batch: TrainBatch, groups: list[list[int]], hf_config: Any, *, p
         ids, pos, seg = [prompt], [], [torch.zeros(p, dtype=torch.long)]
         for i, r in enumerate(members):
             n = int(batch.lengths[r])
-            same_image = grids is None or (torch.equal(grids[r], grids[first]) and torch.equal(
-                batch.pixel_values[pix_start[r]:pix_start[r + 1]],
-                batch.pixel_values[pix_start[first]:pix_start[first + 1]]))
-            if int(batch.prompt_lengths[r]) != p or not torch.equal(batch.input_ids[r, :p], prompt) or not same_image:
+            if int(batch.prompt_lengths[r]) != p or not torch.equal(batch.input_ids[r, :p], prompt) or \
+                    int(batch.group_ids[r]) != int(batch.group_ids[first]):
                 raise ValueError(f"pack_groups: batch row {r} is in group {int(batch.group_ids[r])} but its prompt "
                                  f"differs from row {first}'s; rows of one group must share prompt and image")
             # The unpacked row's own positions: the completion continues the prompt exactly as it would alone.
-            thw = grids[r:r + 1] if grids is not None else None
+            thw = grids[int(batch.group_ids[r])][None] if grids is not None else None
             row_pos = mrope_position_ids(batch.input_ids[r:r + 1, :n], thw, hf_config)[:, 0]  # [3, n]
             if i == 0:
                 pos.append(row_pos[:, :p])
@@ -141,10 +137,8 @@ def pack_groups(batch: TrainBatch, groups: list[list[int]], hf_config: Any, *, p
             start += n
             c += 1
     pixel_values = image_grid_thw = None
-    if grids is not None:
-        firsts = [members[0] for members in groups]
-        image_grid_thw = grids[torch.tensor(firsts)]
-        pixel_values = torch.cat([batch.pixel_values[pix_start[r]:pix_start[r + 1]] for r in firsts])
+    if grids is not None:  # one image per packed row: its group's
+        pixel_values, image_grid_thw = row_images(batch, [members[0] for members in groups])
     return PackedRows(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       pixel_values=pixel_values, image_grid_thw=image_grid_thw, rows=order, score_index=score_index,
                       targets=targets, loss_mask=loss_mask, token_index=token_index)

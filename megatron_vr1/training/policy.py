@@ -132,7 +132,8 @@ class Policy:
         bf16 = cfg.model.dtype == "bfloat16"
         from megatron.core import parallel_state
 
-        ddp_config = DistributedDataParallelConfig(**ddp_settings(parallel_state.get_data_parallel_world_size()))
+        ddp_config = DistributedDataParallelConfig(**ddp_settings(parallel_state.get_data_parallel_world_size(),
+                                                                  cfg.parallel.distributed_optimizer))
         self.model = DistributedDataParallel(config=model.config, module=model, ddp_config=ddp_config)
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.no_sync_func = self.model.no_sync
@@ -140,8 +141,8 @@ class Policy:
             model.config.grad_sync_func = self.model.start_grad_sync
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=g.lr, min_lr=g.min_lr, weight_decay=g.weight_decay, adam_beta1=g.adam_beta1,
-            adam_beta2=g.adam_beta2, clip_grad=g.grad_clip, bf16=bf16, params_dtype=model.config.params_dtype),
-            [self.model])
+            adam_beta2=g.adam_beta2, clip_grad=g.grad_clip, bf16=bf16, params_dtype=model.config.params_dtype,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer), [self.model])
         style = {"constant": "constant", "linear": "linear", "cosine": "cosine"}[g.lr_schedule]
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if g.warmup_steps else g.lr, max_lr=g.lr, min_lr=g.min_lr,
@@ -178,10 +179,8 @@ class Policy:
         """Host micro-batches of ``k`` rows each, right-padded."""
         from megatron_vr1.models.mrope import mrope_position_ids
 
-        grids = batch.image_grid_thw
-        pix_start = None
-        if grids is not None:  # one image per row: patch offsets of each row in pixel_values
-            pix_start = torch.cat([torch.zeros(1, dtype=torch.long), grids.prod(dim=1).cumsum(0)]).tolist()
+        from megatron_vr1.training.batch import row_images
+
         out = []
         for g in range(0, len(rows), k):
             group = rows[g:g + k]
@@ -191,9 +190,8 @@ class Policy:
             ids = _fit(batch.input_ids.index_select(0, index), length)
             real = torch.arange(length)[None, :] < batch.lengths.index_select(0, index)[:, None]
             thw = pix = None
-            if grids is not None:
-                thw = grids.index_select(0, index)
-                pix = torch.cat([batch.pixel_values[pix_start[b]:pix_start[b + 1]] for b in group])
+            if batch.image_grid_thw is not None:  # one image per row (its group's)
+                pix, thw = row_images(batch, group)
             targets = torch.roll(ids, -1, dims=1)
             # The logit at position t scores token t+1: shift the completion mask left by one.
             mask = torch.roll(_fit(batch.loss_mask.index_select(0, index), length) * real, -1, dims=1)
@@ -273,29 +271,30 @@ class Policy:
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, rows: list[int] | None = None) -> StepResult:
-        """One optimiser step over the sequences ``rows`` of ``batch`` (default: all of them; a PPO mini-batch
-        otherwise), gradients averaged over DP ranks."""
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, rows: list[int] | None = None,
+                   totals: tuple[int, float] | None = None) -> StepResult:
+        """One optimiser step over the sequences ``rows`` of this rank's ``batch`` (default: all of them; a PPO
+        mini-batch otherwise; its data-parallel shard, ``training.sharding``), gradients averaged over the
+        data-parallel ranks. ``totals``: (sequences, loss tokens) of the step over all data-parallel ranks, which
+        the loss divides by; default: summed over the ranks here (a collective)."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.model.train()
         rows = list(range(batch.input_ids.shape[0])) if rows is None else list(rows)
-        n_rows = len(rows)
-        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        if n_rows < dp:
-            raise ValueError(f"train_step: {n_rows} sequences for {dp} data-parallel ranks; give every rank "
-                             "at least one (raise grpo.prompts_per_step, or lower grpo.minibatches)")
-        # Every rank holds the whole batch and trains on its strided share; DDP averages the gradients.
-        mine = rows[dp_rank::dp]
-        groups = self.micro_batches(batch, mine, loss_inputs=True)
+        if not rows:
+            raise ValueError("train_step: no sequences on this rank; shard the step with training.sharding."
+                             "shard_batch, which gives every data-parallel rank at least one")
+        dp = parallel_state.get_data_parallel_world_size()
+        if totals is None:
+            totals = self._global_totals(batch, rows)
+        groups = self.micro_batches(batch, rows, loss_inputs=True)
         n = len(groups)
-        # The schedule divides each micro-batch loss by n and DDP averages over dp ranks. Token aggregation wants
-        # sum / total_tokens over the whole step; sequence aggregation a mean over this rank's sequences, so a
-        # micro-batch of k sequences divides by len(mine) / n (= 1 with one sequence per micro-batch).
-        total_tokens = float(sum(float(batch.loss_mask[b, :int(batch.lengths[b])].sum()) for b in rows))
-        denominator = (max(total_tokens, 1.0) / (n * dp) if self.cfg.grpo.loss_aggregation == "token"
-                       else len(mine) / n)
+        # The schedule divides each micro-batch loss by n and DDP averages over the dp ranks: dividing each
+        # micro-batch by total / (n * dp) makes the step's loss sum / total over all ranks' sequences (sequence
+        # aggregation: of per-sequence means) or tokens (token aggregation), however unevenly the ranks hold them.
+        total = totals[1] if self.cfg.grpo.loss_aggregation == "token" else totals[0]
+        denominator = max(float(total), 1.0) / (n * dp)
         items = iter(groups)
 
         def forward_step(data_iterator, chunk):
@@ -323,6 +322,17 @@ class Policy:
         metrics = _mean_metrics(losses if parallel_state.is_pipeline_last_stage() else None, self.device)
         return StepResult(metrics=metrics, grad_norm=float(grad_norm or 0.0),
                           lr=float(self.optimizer.param_groups[0]["lr"]))
+
+    def _global_totals(self, batch: TrainBatch, rows: list[int]) -> tuple[int, float]:
+        """(sequences, loss tokens) of ``rows`` summed over the data-parallel ranks."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        counts = torch.tensor([float(len(rows)), float(batch.loss_mask.index_select(0, torch.tensor(rows)).sum())],
+                              dtype=torch.float64, device=self.device)
+        if parallel_state.get_data_parallel_world_size() > 1:
+            dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        return int(counts[0]), float(counts[1])
 
     # ---- weights out -------------------------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from megatron_vr1.config.run import RunConfig
 from megatron_vr1.training.batch import prepare_prompt, sft_batch
 from megatron_vr1.training.metrics import MetricsLogger
 from megatron_vr1.training.policy import LossFn, Policy
-from megatron_vr1.training.state import broadcast_object, budget_reached, is_rank0, load_or_start, save_state
+from megatron_vr1.training.sharding import shard_batch
+from megatron_vr1.training.state import budget_reached, is_rank0, load_or_start, save_state, scatter_shards
 from megatron_vr1.types import Sample
 
 
@@ -41,7 +42,10 @@ def sft_train(cfg: RunConfig, policy: Policy, samples: Iterator[Sample], *, toke
     """``cfg.grpo.train_steps`` SFT steps (fewer if ``grpo.time_budget_s`` runs out) of ``cfg.grpo.prompts_per_step``
     rows each (``samples`` read on rank 0).
     Token-level mean NLL over the step (``grpo.loss_aggregation`` picks "token" or "sequence")."""
+    from megatron.core import parallel_state
+
     g, rank0 = cfg.grpo, is_rank0()
+    dp = parallel_state.get_data_parallel_world_size()
     start, version = load_or_start(cfg, policy, dataset=dataset)
     log = MetricsLogger(cfg.log.run_dir, total_steps=g.stop_at_step or g.train_steps, start_step=start,
                         enabled=rank0, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, description="sft")
@@ -50,18 +54,23 @@ def sft_train(cfg: RunConfig, policy: Policy, samples: Iterator[Sample], *, toke
         end = g.stop_at_step or g.train_steps  # stop_at_step: a checkpoint partway through the schedule
         for step in range(start + 1, end + 1):
             t0 = time.time()
-            batch = None
+            batch = shards = None
             if rank0:
                 prompts = [prepare_prompt(next(samples), tokenizer, min_pixels=cfg.data.min_pixels,
                                           max_pixels=cfg.data.max_pixels) for _ in range(g.prompts_per_step)]
                 batch = sft_batch(prompts, [target_ids(p.sample, tokenizer) for p in prompts])
-            batch = broadcast_object(batch)
-            result = policy.train_step(batch, loss_fn)
+                shards = shard_batch(batch, dp)
+            shard = scatter_shards(shards)  # each rank: its data-parallel rank's rows only
+            if shard is None:
+                raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} SFT rows for {dp} data-parallel ranks: "
+                                 "give every rank at least one")
+            result = policy.train_step(shard.batch, loss_fn, rows=shard.minibatches[0], totals=shard.totals[0])
             version += 1
             elapsed = time.time() - t0
             scalars = {**{f"train/{k}": v for k, v in result.metrics.items()}, "train/grad_norm": result.grad_norm,
-                       "train/lr": result.lr, "time/step_s": elapsed, "time/elapsed_s": time.time() - started,
-                       "throughput/tokens_per_s": float(batch.loss_mask.sum()) / max(elapsed, 1e-9)}
+                       "train/lr": result.lr, "time/step_s": elapsed, "time/elapsed_s": time.time() - started}
+            if batch is not None:  # rank 0 holds the whole step
+                scalars["throughput/tokens_per_s"] = float(batch.loss_mask.sum()) / max(elapsed, 1e-9)
             if rank0:
                 log.log(step, scalars)
                 records.append({"step": step, **scalars})

@@ -19,12 +19,44 @@ def is_rank0() -> bool:
 
 
 def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (pickled; the TrainBatch's CPU tensors are small)."""
+    """Rank 0's ``obj`` on every rank (pickled: for small things, a flag or a count; a step's data goes through
+    ``scatter_shards``)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+_DP_RANKS: dict[int, list[int]] = {}
+
+
+def _data_parallel_rank_of_each_rank() -> list[int]:
+    """Global rank -> data-parallel rank (gathered once per process group)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    if id(group) not in _DP_RANKS:
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, parallel_state.get_data_parallel_rank())
+        _DP_RANKS.clear()
+        _DP_RANKS[id(group)] = ranks
+    return _DP_RANKS[id(group)]
+
+
+def scatter_shards(shards: list | None) -> Any:
+    """Rank 0's ``shards`` (one per data-parallel rank, ``training.sharding``; None: no update this step) to the
+    ranks: each receives its data-parallel rank's shard only, the TP / PP ranks of one data-parallel rank the
+    same one. ``scatter_object_list`` pickles each shard once for its rank (on NCCL through the rank's GPU)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return shards[0] if shards else None
+    dp_of = _data_parallel_rank_of_each_rank()
+    objects = None
+    if dist.get_rank() == 0:
+        objects = [None if shards is None else shards[dp_of[r]] for r in range(dist.get_world_size())]
+    out: list[Any] = [None]
+    dist.scatter_object_list(out, objects, src=0)
+    return out[0]
 
 
 def sync_weights(policy, engine, version: int, cfg: RunConfig) -> int:

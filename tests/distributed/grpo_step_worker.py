@@ -15,10 +15,12 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from training_data import make_sample, run_config  # noqa: E402
 
-LAYOUTS = {"tp1": (1, 1, False, False), "tp2": (2, 1, False, False), "pp2": (1, 2, False, False),
-           "tp2_packed": (2, 1, True, False), "tp2_sp": (2, 1, False, True)}
-"""name: (TP, PP, shared-prompt packing, sequence parallelism). The rows have odd lengths, so under sequence
-parallelism every micro-batch is padded to a multiple of TP (megatron splits the sequence over the TP ranks)."""
+LAYOUTS = {"tp1": (1, 1, False, False, False), "tp2": (2, 1, False, False, False), "pp2": (1, 2, False, False, False),
+           "tp2_packed": (2, 1, True, False, False), "tp2_sp": (2, 1, False, True, False),
+           "dp2_distopt": (1, 1, False, False, True)}
+"""name: (TP, PP, shared-prompt packing, sequence parallelism, distributed optimizer). The rows have odd lengths,
+so under sequence parallelism every micro-batch is padded to a multiple of TP (megatron splits the sequence over
+the TP ranks). dp2_distopt shards the Adam state over the two data-parallel ranks."""
 
 
 def make_batch(hf_dir):
@@ -44,7 +46,7 @@ def make_batch(hf_dir):
     return build_train_batch(groups, preps, torch.tensor([1.0, -1.0, 0.5, -0.5]), eos_ids=[eos])
 
 
-def run_layout(hf_dir, tp, pp, packed, sp, aggregation, baseline):
+def run_layout(hf_dir, tp, pp, packed, sp, distopt, aggregation, baseline):
     from megatron_vr1.parallel import state
     from megatron_vr1.training.policy import Policy, grpo_loss_fn
 
@@ -52,11 +54,18 @@ def run_layout(hf_dir, tp, pp, packed, sp, aggregation, baseline):
                      tis=True, lr_schedule="constant")
     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel = tp, pp
     cfg.parallel.pack_groups, cfg.parallel.sequence_parallel = packed, sp
+    cfg.parallel.distributed_optimizer = distopt
     state.initialize(cfg.parallel)
     policy = Policy(cfg)
+    from megatron.core import parallel_state
+
+    from megatron_vr1.training.sharding import shard_batch
+
     batch = make_batch(hf_dir)
     batch.ref_logprobs = policy.logprobs(batch, reference=True)
-    step = policy.train_step(batch, grpo_loss_fn(cfg))
+    # as the loop does: each data-parallel rank trains on its shard (whole groups, each image once)
+    shard = shard_batch(batch, parallel_state.get_data_parallel_world_size())[parallel_state.get_data_parallel_rank()]
+    step = policy.train_step(shard.batch, grpo_loss_fn(cfg), rows=shard.minibatches[0], totals=shard.totals[0])
     after = policy.logprobs(batch)
     weights = {name: t.clone() for bucket in policy.export_buckets(1 << 20) for name, t in bucket}
     out = dict(metrics=step.metrics, grad_norm=step.grad_norm, lr=step.lr, logprobs_after=after.tolist())
@@ -76,8 +85,8 @@ def main():
     torch.set_num_threads(1)
     results, baseline = {}, None
     for name in args.layouts.split(","):
-        tp, pp, packed, sp = LAYOUTS[name]
-        results[name], weights = run_layout(args.hf_dir, tp, pp, packed, sp, args.aggregation, baseline)
+        tp, pp, packed, sp, distopt = LAYOUTS[name]
+        results[name], weights = run_layout(args.hf_dir, tp, pp, packed, sp, distopt, args.aggregation, baseline)
         baseline = weights if baseline is None else baseline
     from megatron_vr1.parallel import state
 

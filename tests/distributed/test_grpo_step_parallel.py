@@ -1,5 +1,6 @@
-"""One GRPO step (PPO clip, k3 KL to the reference, TIS) of the Megatron policy on 2 gloo ranks: TP=2, PP=2 and
-TP=2 with sequence parallelism (odd-length rows, padded to a multiple of TP) equal TP=1 (DP=2) in loss metrics,
+"""One GRPO step (PPO clip, k3 KL to the reference, TIS) of the Megatron policy on 2 gloo ranks: TP=2, PP=2,
+TP=2 with sequence parallelism (odd-length rows, padded to a multiple of TP) and DP=2 with the distributed optimizer
+(Adam state sharded over the ranks) equal TP=1 (DP=2) in loss metrics,
 grad norm, post-step logprobs and the exported weights; so does TP=2 with shared-prompt packing (its
 micro-batches hold other rows, so its per-micro-batch metric means are not compared)."""
 
@@ -24,7 +25,7 @@ def test_grpo_step_tp2_and_pp2_equal_tp1(tmp_path, aggregation):
     base = ranks[0]["tp1"]
     assert base["grad_norm"] > 0 and base["metrics"]["num_tokens"] > 0
     for r in ranks:
-        for name in ("tp2", "pp2", "tp2_packed", "tp2_sp"):
+        for name in ("tp2", "pp2", "tp2_packed", "tp2_sp", "dp2_distopt"):
             got = r[name]
             assert got["same_names"]
             assert got["grad_norm"] == pytest.approx(base["grad_norm"], rel=1e-5), name

@@ -65,7 +65,7 @@ def _transformers_logprobs(hf_dir, batch, prep, dtype):
         ids = batch.input_ids[b:b + 1, :int(batch.lengths[b])].cuda()
         with torch.no_grad():
             logits = hf(input_ids=ids, pixel_values=prep.pixel_values.cuda(),
-                        image_grid_thw=batch.image_grid_thw[b:b + 1].cuda(),
+                        image_grid_thw=batch.image_grid_thw[int(batch.group_ids[b])][None].cuda(),
                         mm_token_type_ids=(ids == hf.config.image_token_id).int()).logits.float()
         lp = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
         out.append(lp[p - 1:p - 1 + len(ids_list)])

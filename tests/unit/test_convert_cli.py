@@ -35,8 +35,9 @@ def test_hf_to_mcore_truncated_file_is_a_clean_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--tp", "3"], "--tp 3 must divide the 4 attention heads and 2 key/value heads"),
-    (["--pp", "2"], "--pp 2 must divide the 1 layers"),
+    (["--tp", "3"], "--tp 3 is invalid: it must divide the 4 attention heads and the 2 key/value heads"),
+    (["--pp", "2"], "--pp 2 is invalid: it must divide the 1 decoder layers for an even split; or split unevenly: "
+                    "every stage needs a layer: use at most 1 pipeline stages"),
 ])
 def test_hf_to_mcore_bad_layout(tmp_path, capsys, argv, needle):
     rc = main(["convert", "hf-to-mcore", "--hf", str(_hf_dir(tmp_path)), "--out", str(tmp_path / "o"), *argv])

@@ -107,7 +107,7 @@ def _transformers_logprobs(hf_dir, batch, prep) -> list[list[float]]:
     for b in range(batch.input_ids.shape[0]):
         ids = batch.input_ids[b:b + 1, :int(batch.lengths[b])]
         with torch.no_grad():
-            logits = hf(input_ids=ids, pixel_values=prep.pixel_values, image_grid_thw=batch.image_grid_thw[b:b + 1],
+            logits = hf(input_ids=ids, pixel_values=prep.pixel_values, image_grid_thw=batch.image_grid_thw[int(batch.group_ids[b])][None],
                         mm_token_type_ids=(ids == hf.config.image_token_id).int()).logits.float()
         lp = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
         out.append(lp[p - 1:].tolist())
@@ -139,11 +139,17 @@ def _step_report(policy, batch, cfg) -> dict:
     from emulated_cuda import on_emulated_device
     from megatron_vr1.training.policy import grpo_loss_fn
 
+    from megatron.core import parallel_state
+
+    from megatron_vr1.training.sharding import shard_batch
+
     params = list(policy.model.parameters())
     batch.ref_logprobs = policy.logprobs(batch, reference=True)
     batch.old_logprobs = policy.logprobs(batch)
     before = [t.detach().clone() for t in params[:4]]
-    result = policy.train_step(batch, grpo_loss_fn(cfg))
+    # as the loop does: this data-parallel rank's shard, the mini-batch totals over all ranks
+    shard = shard_batch(batch, parallel_state.get_data_parallel_world_size())[parallel_state.get_data_parallel_rank()]
+    result = policy.train_step(shard.batch, grpo_loss_fn(cfg), rows=shard.minibatches[0], totals=shard.totals[0])
     exported = [t for bucket in policy.export_buckets(1 << 20) for _name, t in bucket]
     return {
         "param_devices": sorted({str(t.device) for t in params}),

@@ -66,8 +66,10 @@ def test_megatron_accepts_the_settings(stack):
 
 
 def test_ddp_overlaps_the_gradient_reduce_with_data_parallel_ranks():
-    assert ddp_settings(1) == {"grad_reduce_in_fp32": True, "overlap_grad_reduce": False}
+    assert ddp_settings(1) == {"grad_reduce_in_fp32": True, "overlap_grad_reduce": False,
+                               "use_distributed_optimizer": False}
     assert ddp_settings(4)["overlap_grad_reduce"]
+    assert ddp_settings(4, distributed_optimizer=True)["use_distributed_optimizer"]
 
 
 def test_sequence_multiple():

@@ -47,8 +47,14 @@ def test_build_train_batch_layout_and_alignment():
     assert batch.loss_mask[3].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]  # right padding is outside the loss
     assert batch.rollout_logprobs[0, 5:8].tolist() == pytest.approx([-0.1, -0.2, -0.3])
     assert batch.advantages.tolist() == [1.0, -1.0, 0.5, -0.5] and batch.weight_versions == [0, 3, 0, 0]
-    assert batch.pixel_values.shape == (16, 1176) and batch.image_grid_thw.tolist() == [[1, 2, 2]] * 4
-    assert batch.pixel_values[8:12].eq(1.0).all()  # row 2 is sample 1's image
+    # one image per group, rows point at theirs
+    assert batch.pixel_values.shape == (8, 1176) and batch.image_grid_thw.tolist() == [[1, 2, 2]] * 2
+    assert batch.group_ids.tolist() == [0, 0, 1, 1] and batch.pixel_values[4:8].eq(1.0).all()
+    from megatron_vr1.training.batch import row_images
+
+    pixels, grids = row_images(batch, [2, 0])
+    assert pixels.shape == (8, 1176) and pixels[:4].eq(1.0).all() and pixels[4:].eq(0.0).all()
+    assert grids.tolist() == [[1, 2, 2]] * 2
 
 
 def test_overlong_filter_drops_truncated_rows_and_all_empty_is_none():
@@ -113,16 +119,58 @@ def test_a_fresh_run_sets_an_earlier_runs_logs_aside(tmp_path):
     assert (tmp_path / "metrics.prev2.jsonl").is_file()
 
 
-def test_minibatch_rows_split_whole_groups_evenly():
-    from megatron_vr1.training.loop import minibatch_rows
+def _groups_batch(sizes: list[int]):
+    """A batch of len(sizes) groups (group g: sizes[g] completions of g + 1 tokens, image of 4 patches filled
+    with g)."""
+    groups = [RolloutGroup(sample=_sample(g), completions=tuple(_comp([7] * (g + 1)) for _ in range(n)))
+              for g, n in enumerate(sizes)]
+    return build_train_batch(groups, [_prep(5, g) for g in range(len(sizes))], torch.arange(sum(sizes)).float(),
+                             eos_ids=[EOS])
 
-    assert minibatch_rows(8, 2, 1) == [list(range(8))]
-    assert minibatch_rows(8, 2, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    uneven = minibatch_rows(12, 2, 4)  # 6 groups in 4 mini-batches: 1 or 2 groups each, in order
+
+def test_minibatch_rows_split_whole_groups_evenly():
+    from megatron_vr1.training.sharding import minibatch_rows
+
+    assert minibatch_rows(_groups_batch([2] * 4), 1) == [list(range(8))]
+    assert minibatch_rows(_groups_batch([2] * 4), 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    uneven = minibatch_rows(_groups_batch([2] * 6), 4)  # 6 groups in 4 mini-batches: 1 or 2 groups each, in order
     assert sum(uneven, []) == list(range(12)) and sorted(len(mb) for mb in uneven) == [2, 2, 4, 4]
-    assert minibatch_rows(4, 2, 4) == [[0, 1], [2, 3]]  # a short dynamic-sampling batch: no empty mini-batch
-    rows = minibatch_rows(48, 8, 3)
-    assert sorted(r for mb in rows for r in mb) == list(range(48)) and all(len(mb) % 8 == 0 for mb in rows)
+    assert minibatch_rows(_groups_batch([2] * 2), 4) == [[0, 1], [2, 3]]  # a short batch: no empty mini-batch
+    short = minibatch_rows(_groups_batch([3, 1, 2]), 3)  # rows dropped from a group: still whole groups
+    assert short == [[0, 1, 2], [3], [4, 5]]
+
+
+def test_shards_hold_whole_groups_and_each_image_once():
+    from megatron_vr1.training.sharding import shard_batch
+
+    batch = _groups_batch([4] * 8)  # 8 groups x 4 completions, 2 mini-batches, 2 data-parallel ranks
+    shards = shard_batch(batch, 2, minibatches=2)
+    assert len(shards) == 2 and all(len(s.minibatches) == 2 for s in shards)
+    for d, shard in enumerate(shards):
+        local = shard.batch
+        assert local.input_ids.shape[0] == 16 and local.image_grid_thw.shape[0] == 4  # 4 groups, 4 images
+        assert local.pixel_values.shape[0] == 4 * 4
+        # mini-batch 0 of the step is groups 0-3: rank 0 has groups 0 and 2, rank 1 groups 1 and 3
+        firsts = [int(local.pixel_values[4 * g, 0]) for g in range(4)]
+        assert firsts == [d, d + 2, d + 4, d + 6]
+        assert local.advantages[shard.minibatches[0]].tolist() == [float(r) for g in (d, d + 2)
+                                                                  for r in range(4 * g, 4 * g + 4)]
+    assert shards[0].totals == shards[1].totals == [(16, float(sum(4 * (g + 1) for g in range(4)))),
+                                                    (16, float(sum(4 * (g + 1) for g in range(4, 8))))]
+    # the shards together are the batch, row for row
+    rows = sorted(tuple(s.batch.input_ids[r].tolist()) for s in shards for r in range(16))
+    assert rows == sorted(tuple(r.tolist()) for r in batch.input_ids)
+
+
+def test_shards_of_a_short_batch():
+    from megatron_vr1.training.sharding import shard_batch
+
+    few = shard_batch(_groups_batch([3]), 2, minibatches=1)  # one group, two ranks: its rows split, image to both
+    assert [s.batch.input_ids.shape[0] for s in few] == [2, 1] and all(s.batch.image_grid_thw.shape[0] == 1
+                                                                        for s in few)
+    fewer_mbs = shard_batch(_groups_batch([1, 1, 2]), 2, minibatches=3)  # 1-row mini-batches cannot feed 2 ranks
+    assert len(fewer_mbs[0].minibatches) == 2
+    assert shard_batch(_groups_batch([1]), 2) is None  # one sequence for two ranks: no update
 
 
 def test_minibatches_config_is_validated_and_sets_the_schedule_length():

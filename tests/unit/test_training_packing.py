@@ -78,7 +78,8 @@ def test_pack_layout(policy_env):
     n = [int(batch.lengths[r]) - int(batch.prompt_lengths[r]) for r in range(6)]
     assert packed.input_ids.shape == (2, -(-(p + sum(n[:3])) // 4) * 4)
     assert packed.rows == [0, 1, 2, 3, 4, 5]
-    assert packed.pixel_values.shape[0] == int(batch.image_grid_thw[0].prod() + batch.image_grid_thw[3].prod())
+    assert packed.pixel_values.shape[0] == int(batch.image_grid_thw.prod(dim=1).sum())  # each group's image once
+    assert batch.image_grid_thw.shape[0] == 2  # the batch too stores one image per group
     row0 = packed.input_ids[0]
     assert torch.equal(row0[:p], batch.input_ids[0, :p])
     assert torch.equal(row0[p:p + n[0]], batch.input_ids[0, p:p + n[0]])
@@ -89,7 +90,7 @@ def test_pack_layout(policy_env):
     assert mask[second, p:p + n[0]].all(), "a completion must not see another completion"
     assert mask[p, p + 1], "causal within a completion"
     # positions: every completion starts where the prompt ends, as in its own unpacked row
-    pos = mrope_position_ids(batch.input_ids[1:2, :int(batch.lengths[1])], batch.image_grid_thw[1:2], hf_config)
+    pos = mrope_position_ids(batch.input_ids[1:2, :int(batch.lengths[1])], batch.image_grid_thw[:1], hf_config)
     assert torch.equal(packed.position_ids[:, 0, second:second + n[1]], pos[:, 0, p:])
     width = packed.input_ids.shape[1]
     assert packed.score_index[1, 0] == p - 1 and packed.score_index[1, 1] == second
