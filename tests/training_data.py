@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import random
 from pathlib import Path
@@ -67,3 +68,15 @@ def world_of_one():
         yield
     finally:
         state.destroy()
+
+
+def layout_hf_dir(root: Path) -> Path:
+    """A tiny Qwen2.5-VL that every shipped layout fits: 8 attention / 4 key-value heads (TP 1, 2, 4) and an odd
+    3 layers (PP 2 or 3 only with uneven stages)."""
+    from megatron_vr1.data.tiny_model import PRESETS, build_model_dir
+
+    out = Path(root) / "tiny-layouts"
+    if not (out / "config.json").is_file():
+        spec = dataclasses.replace(PRESETS["test"], num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4)
+        build_model_dir(out, spec, seed=0)
+    return out

@@ -4,21 +4,30 @@
     python tools/scaling_model.py                 # the tables of docs/scaling.md
     python tools/scaling_model.py --tokens-per-seq 1500 --prompts-per-node 16
 
-Inputs marked MEASURED come from shared/recipes/gpu-device.md (one H100, megatron-core GPT with the Transformer
-Engine spec, bf16, 2026-11-22); everything else is a stated assumption. The output is a prediction, not a
-measurement: no multi-GPU run of megatron-vr1 has been made yet.
+Inputs marked MEASURED come from the GPU probe recorded in docs/gpu.md (one H100, megatron-core GPT with the
+Transformer Engine spec, bf16, 2026-11-22); everything else is a stated assumption. The output is a prediction,
+not a measurement: no multi-GPU run of megatron-vr1 has been made yet. Only layouts the trainer accepts for the
+model are considered (megatron_vr1.config.parallel.check_layout: TP divides the 4 key/value heads, PP splits the
+28 layers).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's package, without installing it
+
+from megatron_vr1.config.base import ConfigError  # noqa: E402  (stdlib-only modules)
+from megatron_vr1.config.parallel import ParallelConfig, check_layout  # noqa: E402
 
 # --- model: Qwen2.5-VL-7B-Instruct (config.json) ---
 LM_PARAMS = 7.61e9
 VIT_PARAMS = 0.67e9
-HIDDEN, LAYERS = 3584, 28
+HIDDEN, LAYERS, HEADS, KV_HEADS = 3584, 28, 28, 4
 # --- MEASURED (gpu-device.md): TE-spec GPT at 7B width, bf16, one H100: 430 TFLOP/s (6*N*T + attention) ---
 TRAIN_TFLOPS_1GPU = 430.0
 # --- assumptions (H100 SXM nodes) ---
@@ -42,6 +51,15 @@ class Layout:
     @property
     def dp(self) -> int:
         return self.gpus // (self.tp * self.pp)
+
+    def valid(self) -> bool:
+        """Whether the trainer accepts this layout for Qwen2.5-VL-7B (the repository's one layout check)."""
+        try:
+            check_layout(ParallelConfig(tensor_parallel=self.tp, pipeline_parallel=self.pp), num_heads=HEADS,
+                         num_kv_heads=KV_HEADS, num_layers=LAYERS, world_size=self.gpus)
+        except ConfigError:
+            return False
+        return True
 
 
 def step_time(layout: Layout, *, prompts: int, group: int, tokens_per_seq: int, completion_tokens: int,
@@ -86,7 +104,7 @@ def fits(layout: Layout, budget_gb: float = 60.0) -> bool:
 
 
 def best_layout(nodes: int, **kw) -> tuple[Layout, dict[str, float]]:
-    candidates = [Layout(nodes, tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4) if (nodes * 8) % (tp * pp) == 0]
+    candidates = [lay for tp in (1, 2, 4, 8) for pp in (1, 2, 4) if (lay := Layout(nodes, tp, pp)).valid()]
     scored = [(lay, step_time(lay, **kw)) for lay in candidates if fits(lay)]
     return min(scored, key=lambda x: x[1]["step"])
 

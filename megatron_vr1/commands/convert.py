@@ -101,6 +101,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {report.summary()}")
         return 0
     if args.tp * args.pp > 1 and "WORLD_SIZE" not in os.environ:
+        from megatron_vr1.convert.arch import load_config
+        from megatron_vr1.convert.session import check_layout
+
+        check_layout(load_config(args.hf), args.tp, args.pp, args.pp_first, args.pp_last)  # one error, not N ranks'
         return _relaunch_under_torchrun(args)
     from megatron_vr1.convert.verify import verify
 

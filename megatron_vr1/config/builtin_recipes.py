@@ -21,12 +21,14 @@ def qwen25vl_7b_vision_r1() -> RunConfig:
     Hyper-parameters of Vision-R1/run_qwen_vision_r1.sh + TRL 0.14 defaults: G=4, 16 prompts per step,
     lr 1e-6 linear, no warm-up, beta 0.04 (the paper says 0.2: --set grpo.beta=0.2), temperature 1.0,
     512 new tokens, max_pixels 401408, one update per batch, k3 KL, std + 1e-4.
-    Layout: TP=4 x PP=1 x DP=2 per node for the policy; SGLang rollout servers on their own GPUs.
+    Layout: TP=4 (sequence parallel) x PP=1, DP=4 over the 16 GPUs, the distributed optimizer sharding the Adam
+    state over the DP ranks; SGLang rollout servers as the sbatch script places them.
     """
     return RunConfig(
         name="qwen25vl_7b_vision_r1",
         model=ModelConfig(hf_path="checkpoints/Qwen2.5-VL-7B-Instruct", dtype="bfloat16"),
-        parallel=ParallelConfig(tensor_parallel=4, pipeline_parallel=1, sequence_parallel=True),
+        parallel=ParallelConfig(tensor_parallel=4, pipeline_parallel=1, sequence_parallel=True,
+                                distributed_optimizer=True),
         rollout=RolloutConfig(temperature=1.0, max_new_tokens=512, bucket_mb=1024),
         reward=RewardConfig(preset="official"),
         grpo=GRPOConfig(num_generations=4, prompts_per_step=16, lr=1e-6, beta=0.04, train_steps=3060),
@@ -42,7 +44,8 @@ def qwen25vl_3b_vision_r1() -> RunConfig:
     cfg = qwen25vl_7b_vision_r1()
     cfg.name = "qwen25vl_3b_vision_r1"
     cfg.model.hf_path = "checkpoints/Qwen2.5-VL-3B-Instruct"
-    cfg.parallel = ParallelConfig(tensor_parallel=2, pipeline_parallel=1, sequence_parallel=True)
+    cfg.parallel = ParallelConfig(tensor_parallel=2, pipeline_parallel=1, sequence_parallel=True,
+                                  distributed_optimizer=True)
     cfg.log.run_dir = "runs/qwen25vl_3b_vision_r1"
     return cfg
 

@@ -48,7 +48,7 @@ def resolve_impl(model_cfg: ModelConfig) -> str:
         raise MissingTransformerEngine(
             f"{what} needs Transformer Engine, which does not import here ({te_error}). Install it on a CUDA "
             f"machine (pip install --no-build-isolation 'transformer-engine[pytorch]'; see "
-            f"shared/recipes/gpu-device.md for a tested build) or set model.fp8=none and "
+            f"docs/gpu.md for a tested build) or set model.fp8=none and "
             f"model.transformer_impl=auto to use the local spec.")
     if model_cfg.transformer_impl == "local":
         return "local"

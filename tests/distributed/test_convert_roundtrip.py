@@ -100,3 +100,28 @@ def test_truncated_checkpoint_names_the_tensor(converted, tmp_path):
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     with pytest.raises(ConversionError, match=r"\.distcp: tensor '[\w.]+.*' needs bytes .* truncated"):
         validate_checkpoint(broken)
+
+
+@pytest.mark.slow
+def test_verify_at_uneven_pipeline_stages(tmp_path):
+    """A 3-layer model: PP=2 splits it only unevenly; `convert verify --pp 2 --pp-first 1 --pp-last 2` builds that
+    split (megatron's first/last stage layer counts) and matches transformers, and the even split is refused with
+    one that works."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    from training_data import layout_hf_dir
+
+    hf = layout_hf_dir(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    cli = [sys.executable, "-m", "megatron_vr1.cli", "convert"]
+    run = lambda *a: subprocess.run([*cli, *a], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
+    assert run("hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "ckpt")).returncode == 0
+    even = run("verify", "--hf", str(hf), "--ckpt", str(tmp_path / "ckpt"), "--pp", "2")
+    assert even.returncode == 2 and "--pp-first 1 --pp-last 2" in even.stderr, even.stderr
+    uneven = run("verify", "--hf", str(hf), "--ckpt", str(tmp_path / "ckpt"), "--pp", "2", "--pp-first", "1",
+                 "--pp-last", "2")
+    assert uneven.returncode == 0 and "OK: relative logit error" in uneven.stdout, uneven.stdout + uneven.stderr

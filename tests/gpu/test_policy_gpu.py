@@ -132,7 +132,7 @@ def test_fp8_delayed_train_step(world, hf_dir, tmp_path):
 def test_tp2_and_pp2_equal_tp1_over_nccl(tmp_path, hf_dir, aggregation):
     from helpers import torchrun
 
-    layouts = "tp1,tp2,pp2"  # sequence parallelism on a GPU needs TE's norm; the worker's layouts use the local spec
+    layouts = "tp1,tp2,pp2,dp2_distopt"  # SP on a GPU needs TE's norm; the worker's layouts use the local spec
     ranks = torchrun(WORKER, 2, ["--hf-dir", str(hf_dir), "--aggregation", aggregation, "--layouts", layouts],
                      tmp_path / "out", timeout=600, gpus=True)
     base = ranks[0]["tp1"]
