@@ -17,7 +17,7 @@ from training_data import tiny_hf_dir
 
 pytestmark = pytest.mark.slow
 STEPS = 6  # checkpoints at 2 and 4: a kill anywhere before the end leaves steps to resume
-TIMING = ("time", "time/step_s", "time/train_s", "time/sync_s", "time/elapsed_s", "rollout/time_s",
+TIMING = ("time", "time/step_s", "time/train_s", "time/sync_s", "time/elapsed_s", "time/scatter_s", "rollout/time_s",
           "throughput/tokens_per_s")
 
 

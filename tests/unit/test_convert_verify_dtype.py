@@ -109,7 +109,7 @@ def test_bf16_checkpoint_loads_exactly_into_an_fp32_model(bf16):
     assert not differ, differ[:3]
 
 
-def test_help_and_torchrun_relaunch_carry_dtype_and_tolerance(monkeypatch, capsys):
+def test_help_and_torchrun_relaunch_carry_dtype_and_tolerance(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["convert", "verify", "--help"])
     out = " ".join(capsys.readouterr().out.split())
@@ -122,8 +122,11 @@ def test_help_and_torchrun_relaunch_carry_dtype_and_tolerance(monkeypatch, capsy
     seen = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(subprocess, "run", lambda cmd: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
-    assert main(["convert", "verify", "--hf", "h", "--ckpt", "c", "--tp", "2", "--dtype", "bfloat16"]) == 0
-    assert main(["convert", "verify", "--hf", "h", "--ckpt", "c", "--pp", "2", "--tolerance", "2e-5"]) == 0
+    from training_data import tiny_hf_dir
+
+    hf = str(tiny_hf_dir(tmp_path))  # the layout is checked against its config before the relaunch
+    assert main(["convert", "verify", "--hf", hf, "--ckpt", "c", "--tp", "2", "--dtype", "bfloat16"]) == 0
+    assert main(["convert", "verify", "--hf", hf, "--ckpt", "c", "--pp", "2", "--tolerance", "2e-5"]) == 0
     first, second = seen
     assert first[first.index("--dtype") + 1] == "bfloat16" and "--tolerance" not in first  # the dtype's default
     assert second[second.index("--dtype") + 1] == "float32" and second[second.index("--tolerance") + 1] == "2e-05"
