@@ -178,7 +178,6 @@ class Policy:
     def _padded_micro_batches(self, batch: TrainBatch, rows: list[int], k: int) -> list[tuple[list[int], MicroBatch]]:
         """Host micro-batches of ``k`` rows each, right-padded."""
         from megatron_vr1.models.mrope import mrope_position_ids
-
         from megatron_vr1.training.batch import row_images
 
         out = []

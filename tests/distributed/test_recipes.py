@@ -75,3 +75,14 @@ def test_recipe_runs_with_its_layout(assets, tmp_path, name):
                               "pipeline_parallel": p.pipeline_parallel,
                               "data_parallel": ranks // (p.tensor_parallel * p.pipeline_parallel),
                               "distributed_optimizer": p.distributed_optimizer}
+    if name == "7b_uneven_pp":
+        # the uneven-stage checkpoint's weights start a run at another layout (one process, TP=1 x PP=1)
+        warm = [s for s in sets if not s.startswith(("parallel.", "log.run_dir"))]
+        warm += ["parallel.sequence_parallel=false", "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
+                 "parallel.distributed_optimizer=false", "grpo.train_steps=1", f"log.run_dir={tmp_path / 'warm'}",
+                 f"checkpoint.init_from={run_dir / 'checkpoints'}"]
+        proc = subprocess.run([sys.executable, "-m", "megatron_vr1.cli", "train", "--recipe", recipe,
+                               *[a for s in warm for a in ("--set", s)]], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        assert read_metrics(tmp_path / "warm")[-1]["weight_version"] == 2  # 1: warm-started weights synced
