@@ -6,8 +6,9 @@
 Sections (each one PASS / FAIL / SKIP with its numbers; a failing section does not stop the others):
 
 1. parity: a random Qwen2.5-VL at 7B width (hidden 3584, 28/4 heads, FFN 18944, vocabulary 152064) with few
-   layers, saved as a Hugging Face directory; the Megatron policy's teacher-forced logprobs against
-   transformers' (SDPA) on the same device, in fp32 and in bf16. fp32 must agree to 2e-3 (both compute in fp32;
+   layers, saved as a Hugging Face directory; the Megatron policy's teacher-forced logits (relative to the logit
+   scale: 1e-4 in fp32, 3e-2 in bf16, ``convert verify``'s bounds) and logprobs against transformers' (SDPA) on
+   the same device, in fp32 and in bf16. Logprobs in fp32 must agree to 2e-3 (both compute in fp32;
    only kernels and summation order differ). bf16 must agree to 0.02 mean and 0.25 max |delta logprob|: bf16
    keeps 8 mantissa bits (relative rounding 2^-9 per op) and the two models round at different places (other
    fused kernels; megatron computes the attention softmax in fp32), which over a few layers and a 152k-way
@@ -210,6 +211,7 @@ def section_parity(shape: Shape, model_dir: Path, train_path: Path, out: Path, d
     from megatron_vr1.training.policy import Policy
 
     tolerance = {"float32": (2e-3, 2e-3), "bfloat16": (0.02, 0.25)}
+    logit_tolerance = {"float32": 1e-4, "bfloat16": 3e-2}  # relative, as `convert verify` bounds it
     for dtype in ("float32", "bfloat16"):
         cfg = run_config(shape, model_dir, out / f"parity-{dtype}", model={"dtype": dtype})
         batch, preps = teacher_forced_batch(model_dir, train_path, shape, cfg)
@@ -218,13 +220,14 @@ def section_parity(shape: Shape, model_dir: Path, train_path: Path, out: Path, d
             policy = Policy(cfg, with_reference=False)
             ours = policy.logprobs(batch)
             impl = resolve_impl(cfg.model)
+            ours_logits = completion_logits(policy, batch)
             del policy
         finally:
             state.destroy()
         release(device)
         hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
-        gaps = []
+        gaps, logit_gap, logit_scale = [], 0.0, 0.0
         for b in range(batch.input_ids.shape[0]):
             prep = preps[b // shape.generations]
             ids = batch.input_ids[b:b + 1, :int(batch.lengths[b])].to(device)
@@ -236,8 +239,15 @@ def section_parity(shape: Shape, model_dir: Path, train_path: Path, out: Path, d
             p = int(batch.prompt_lengths[b])
             n = int(batch.lengths[b]) - p
             gaps.append((ours[b, p:p + n] - ref[p - 1:p - 1 + n]).abs())
+            hf_logits = logits[0, p - 1:p - 1 + n].cpu()
+            logit_gap = max(logit_gap, float((ours_logits[b] - hf_logits).abs().max()))
+            logit_scale = max(logit_scale, float(hf_logits.abs().max()))
         del hf
         release(device)
+        rel = logit_gap / max(logit_scale, 1e-30)
+        rows.append(Row("parity", f"logits vs transformers, {dtype}", "PASS" if rel <= logit_tolerance[dtype] else "FAIL",
+                        f"relative {rel:.2e} (max abs {logit_gap:.2e} / max logit {logit_scale:.2e})",
+                        f"tolerance {logit_tolerance[dtype]:g} relative (convert verify's {dtype} default)"))
         gap = torch.cat(gaps)
         mean_tol, max_tol = tolerance[dtype]
         ok = float(gap.mean()) <= mean_tol and float(gap.max()) <= max_tol
@@ -277,6 +287,22 @@ def section_grpo(shape: Shape, model_dir: Path, train_path: Path, out: Path, dev
     rows.append(Row("grpo", "step / rollout / sync seconds (median)", "PASS",
                     f"{med('time/step_s'):.2f} / {med('rollout/time_s'):.2f} / {med('time/sync_s'):.2f}",
                     f"peak memory {peak_memory_gb(device):.1f} GB (trainer + reference + rollout engine)"))
+
+
+def completion_logits(policy, batch) -> list:
+    """Per row, the policy's full-vocabulary logits [n, V] at the positions that predict its completion tokens (the
+    trainer's own micro-batches, one row each; tensor parallelism 1, so the vocabulary is whole)."""
+    import torch
+
+    out = {}
+    policy.model.eval()
+    with torch.no_grad():
+        for rows, mb in policy.micro_batches(batch, micro_batch_size=1):
+            (b,) = rows
+            p, n = int(batch.prompt_lengths[b]), int(batch.lengths[b]) - int(batch.prompt_lengths[b])
+            logits = policy.model(**mb.model_kwargs())
+            out[b] = logits[0, p - 1:p - 1 + n, :policy.vocab_size].float().cpu()
+    return [out[b] for b in range(batch.input_ids.shape[0])]
 
 
 def _dtype(shape: Shape):

@@ -21,8 +21,9 @@ def test_acceptance_run_on_cpu(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     rows = {(r["section"], r["check"]): r for r in report["rows"]}
     status = {key: r["status"] for key, r in rows.items()}
-    assert status[("parity", "logprobs vs transformers, float32")] == "PASS"
-    assert status[("parity", "logprobs vs transformers, bfloat16")] == "PASS"
+    for dtype in ("float32", "bfloat16"):
+        assert status[("parity", f"logprobs vs transformers, {dtype}")] == "PASS"
+        assert status[("parity", f"logits vs transformers, {dtype}")] == "PASS"
     assert status[("grpo", "3 steps of megatron-vr1 train (HF rollout engine)")] == "PASS"
     assert status[("kernels", "local spec (unfused, CPU)")] == "PASS"
     assert status[("tp2", "TP=2 vs TP=1: logprobs, grad norm")] == "PASS"
