@@ -80,3 +80,23 @@ def layout_hf_dir(root: Path) -> Path:
         spec = dataclasses.replace(PRESETS["test"], num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4)
         build_model_dir(out, spec, seed=0)
     return out
+
+
+def completion_batch(hf_dir: Path, completions: list[list[int]], advantages: list[float], *, eos: bool = True,
+                     logprob: float = -1.0, finish_reason: str = "stop"):
+    """(TrainBatch, PreparedPrompt, tokenizer): one group of ``completions`` (token ids) behind make_sample(0)'s
+    prompt, rollout logprobs all ``logprob``; ``eos``: the loss stops at <|im_end|>."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from megatron_vr1.training.batch import build_train_batch, prepare_prompt
+    from megatron_vr1.types import Completion, RolloutGroup
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    prep = prepare_prompt(make_sample(0), tok, min_pixels=56 * 56, max_pixels=56 * 56)
+    comps = tuple(Completion(sample_id="s", request_id=f"r{i}", text="", token_ids=tuple(ids),
+                             logprobs=tuple([logprob] * len(ids)), finish_reason=finish_reason, weight_version=0)
+                  for i, ids in enumerate(completions))
+    group = RolloutGroup(sample=prep.sample, completions=comps)
+    eos_ids = [tok.convert_tokens_to_ids("<|im_end|>")] if eos else []
+    return build_train_batch([group], [prep], torch.tensor(advantages), eos_ids=eos_ids), prep, tok

@@ -93,9 +93,6 @@ def _suggest(num_layers: int, pp: int) -> str:
                 f"parallel.pipeline_last_stage_layers={num_layers - num_layers // 2}")
     for middle in range(-(-num_layers // pp), num_layers + 1):
         rest = num_layers - middle * (pp - 2)
-        if rest >= 2 and rest % 2 == 0 and rest // 2 <= middle:
-            return (f"parallel.pipeline_first_stage_layers={rest // 2} parallel.pipeline_last_stage_layers="
-                    f"{rest // 2} ({middle} on each of the {pp - 2} middle stages)")
         if rest >= 2 and rest // 2 <= middle:
             return (f"parallel.pipeline_first_stage_layers={rest // 2} parallel.pipeline_last_stage_layers="
                     f"{rest - rest // 2} ({middle} on each of the {pp - 2} middle stages)")

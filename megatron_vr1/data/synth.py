@@ -2,8 +2,8 @@
 
 Images hold 0..K solid shapes of several categories and colours on a noisy background, optionally with a
 faint colour ramp (an absolute-position cue), partial occlusion and clutter (small marks that are not
-objects). ``DIFFICULTIES`` are named knob sets: ``demo`` is what shared/recipes/tiny-demo.md found a 2M
-model learns on 2 CPU cores in minutes (56 px, 1-2 objects, corners on a 2 px grid, colour ramp);
+objects). ``DIFFICULTIES`` are named knob sets: ``demo`` is what a 2M
+model was found to learn on 2 CPU cores in minutes (56 px, 1-2 objects, corners on a 2 px grid, colour ramp);
 ``labels`` keeps that geometry but makes the labels harder (8 shapes, colour-qualified names), since the
 RL stage should target what SFT leaves wrong; ``medium``/``hard`` add objects, occlusion and clutter.
 Every image is drawn from its own seeded generator, so the output is deterministic and order-free.

@@ -1,7 +1,7 @@
 """Run megatron-core 0.19.2 on CPU with gloo.
 
 megatron-core assumes CUDA in a handful of places. Each patch below was found necessary by ablation
-(shared/recipes/cpu-megatron.md): remove one and a real code path fails. They patch private functions of
+(tests/unit/test_megatron_cpu.py runs the paths): remove one and a real code path fails. They patch private functions of
 megatron-core 0.19.2, so ``apply()`` refuses any other version. It is applied by ``parallel.state`` only when
 CUDA is unavailable, and is never imported by model code.
 

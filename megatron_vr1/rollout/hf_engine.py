@@ -14,7 +14,7 @@ Conventions (the same as the SGLang engine's):
 * A request with a ``seed`` is generated on its own (its n copies in one batch) after seeding torch, so its
   output does not depend on the other requests of the call.
 
-Workarounds for transformers 5.23 (``shared/recipes/tiny-demo.md``, "Pitfalls found"): ``second_per_grid_ts`` is
+Workarounds for transformers 5.23 (found building the CPU demo): ``second_per_grid_ts`` is
 always passed (batched rope-index bug), ``num_return_sequences`` is never used (inputs are expanded here), and
 prompts are left padded.
 """

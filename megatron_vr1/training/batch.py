@@ -125,11 +125,7 @@ def select_rows(batch: TrainBatch, rows: Sequence[int]) -> TrainBatch:
     renumbered in order of first appearance. Per-token fields keep the batch's width."""
     index = torch.tensor(list(rows), dtype=torch.long)
     pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
-    old_groups: list[int] = []
-    for r in rows:
-        g = int(batch.group_ids[r])
-        if g not in old_groups:
-            old_groups.append(g)
+    old_groups = list(dict.fromkeys(int(batch.group_ids[r]) for r in rows))
     renumber = {g: i for i, g in enumerate(old_groups)}
     pixels = grids = None
     if batch.image_grid_thw is not None:

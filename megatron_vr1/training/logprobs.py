@@ -13,7 +13,7 @@ megatron's schedule and broadcasts the results to every pipeline rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterable
 
 import torch
@@ -115,8 +115,11 @@ class MicroBatch:
 
     def to(self, device: torch.device) -> "MicroBatch":
         """This micro-batch with every tensor on ``device``: the trainer's one host-to-device boundary."""
-        return MicroBatch(**{name: (value.to(device, non_blocking=True) if isinstance(value, torch.Tensor)
-                                    else value) for name, value in ((f, getattr(self, f)) for f in _FIELDS)})
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        return MicroBatch(**moved)
 
     def model_kwargs(self) -> dict:
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=self.attention_mask,
@@ -129,9 +132,6 @@ class MicroBatch:
         from megatron_vr1.training.packing import scored_logits
 
         return scored_logits(output, self.score_index)
-
-
-_FIELDS = tuple(MicroBatch.__dataclass_fields__)
 
 
 def broadcast_from_last_stage(tensors: list[torch.Tensor] | None, device: torch.device) -> list[torch.Tensor]:

@@ -7,8 +7,8 @@ main cost on CPU). Each micro-batch is right-padded to its longest row, which is
 and further to the length multiple the kernels need (``specs.sequence_multiple``: TP under sequence
 parallelism, TE's FP8 GEMM alignment under FP8).
 
-Device placement: the TrainBatch is host memory (the rollout's record, the same on every rank); micro-batches
-are cut from it on the host, with everything the loss reads, and cross to the run device in one place
+Device placement: the TrainBatch is host memory (this rank's shard of the step's rollouts); micro-batches are
+cut from it on the host, with everything the loss reads, and cross to the run device in one place
 (``MicroBatch.to`` in ``micro_batches``). Results come back to the host once per call (``logprobs``) or as
 Python floats (``train_step``'s metrics).
 
@@ -94,6 +94,7 @@ class Policy:
     """Trainable policy (+ optional frozen reference for the KL term) for this rank."""
 
     def __init__(self, cfg: RunConfig, *, hf_dir: str | Path | None = None, with_reference: bool | None = None):
+        from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -130,8 +131,6 @@ class Policy:
         self.logprob_temperature = t if tempered else 1.0
         model = build_loaded_model(self.hf_dir, self.hf_config, cfg)
         bf16 = cfg.model.dtype == "bfloat16"
-        from megatron.core import parallel_state
-
         ddp_config = DistributedDataParallelConfig(**ddp_settings(parallel_state.get_data_parallel_world_size(),
                                                                   cfg.parallel.distributed_optimizer))
         self.model = DistributedDataParallel(config=model.config, module=model, ddp_config=ddp_config)

@@ -59,8 +59,10 @@ def shard_batch(batch: TrainBatch, data_parallel: int, minibatches: int = 1) -> 
     parts: list[list[list[int]]] = [[] for _ in range(data_parallel)]  # rank -> mini-batch -> global rows
     totals = []
     for rows in split_rows:
-        groups = [[r for r in rows if int(batch.group_ids[r]) == g]
-                  for g in dict.fromkeys(int(batch.group_ids[r]) for r in rows)]
+        by_group: dict[int, list[int]] = {}
+        for r in rows:
+            by_group.setdefault(int(batch.group_ids[r]), []).append(r)
+        groups = list(by_group.values())
         if len(groups) >= data_parallel:
             split = [[r for g in groups[d::data_parallel] for r in g] for d in range(data_parallel)]
         else:  # fewer groups than ranks: split the rows (a group's image then goes to each rank it reaches)

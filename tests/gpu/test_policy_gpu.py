@@ -38,20 +38,10 @@ def world():
 
 
 def _batch(hf_dir):
-    from transformers import AutoTokenizer
+    from training_data import completion_batch
 
-    from training_data import make_sample
-
-    from megatron_vr1.training.batch import build_train_batch, prepare_prompt
-    from megatron_vr1.types import Completion, RolloutGroup
-
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    prep = prepare_prompt(make_sample(0), tok, min_pixels=56 * 56, max_pixels=56 * 56)
-    comps = tuple(Completion(sample_id="s", request_id=f"r{i}", text="", token_ids=tuple(ids),
-                             logprobs=tuple([-2.0] * len(ids)), finish_reason="length", weight_version=0)
-                  for i, ids in enumerate(COMPLETIONS))
-    batch = build_train_batch([RolloutGroup(sample=prep.sample, completions=comps)], [prep],
-                              torch.tensor([1.0, -1.0, 0.5, -0.5]), eos_ids=[])
+    batch, prep, _tok = completion_batch(hf_dir, COMPLETIONS, [1.0, -1.0, 0.5, -0.5], eos=False, logprob=-2.0,
+                                         finish_reason="length")
     return batch, prep
 
 

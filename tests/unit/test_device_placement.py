@@ -115,21 +115,11 @@ def _transformers_logprobs(hf_dir, batch, prep) -> list[list[float]]:
 
 
 def _batch(hf_dir, completions, advantages):
-    import torch
-    from transformers import AutoTokenizer
+    from training_data import completion_batch
 
-    from training_data import make_sample
-
-    from megatron_vr1.training.batch import build_train_batch, prepare_prompt
-    from megatron_vr1.types import Completion, RolloutGroup
-
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    prep = prepare_prompt(make_sample(0), tok, min_pixels=56 * 56, max_pixels=56 * 56)
-    comps = tuple(Completion(sample_id="s", request_id=f"r{i}", text="", token_ids=tuple(ids),
-                             logprobs=tuple([-2.0] * len(ids)), finish_reason="length", weight_version=0)
-                  for i, ids in enumerate(completions))
-    return build_train_batch([RolloutGroup(sample=prep.sample, completions=comps)], [prep],
-                             torch.tensor(advantages), eos_ids=[]), prep
+    batch, prep, _tok = completion_batch(hf_dir, completions, advantages, eos=False, logprob=-2.0,
+                                         finish_reason="length")
+    return batch, prep
 
 
 def _step_report(policy, batch, cfg) -> dict:

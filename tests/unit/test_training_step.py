@@ -4,7 +4,7 @@ positive-advantage completion raises its logprob (a negative one lowers it)."""
 import pytest
 import torch
 
-from training_data import make_sample, run_config, tiny_hf_dir, world_of_one
+from training_data import completion_batch, run_config, tiny_hf_dir, world_of_one
 
 pytestmark = pytest.mark.slow
 
@@ -17,18 +17,7 @@ def policy_env(tmp_path_factory):
 
 
 def _batch(hf_dir, completions, advantages):
-    from transformers import AutoTokenizer
-
-    from megatron_vr1.training.batch import build_train_batch, prepare_prompt
-    from megatron_vr1.types import Completion, RolloutGroup
-
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    prep = prepare_prompt(make_sample(0), tok, min_pixels=56 * 56, max_pixels=56 * 56)
-    comps = tuple(Completion(sample_id="s", request_id=f"r{i}", text="", token_ids=tuple(ids),
-                             logprobs=tuple([-1.0] * len(ids)), finish_reason="stop", weight_version=0)
-                  for i, ids in enumerate(completions))
-    group = RolloutGroup(sample=prep.sample, completions=comps)
-    return build_train_batch([group], [prep], torch.tensor(advantages), eos_ids=[tok.convert_tokens_to_ids("<|im_end|>")]), prep, tok
+    return completion_batch(hf_dir, completions, advantages)
 
 
 def test_policy_logprobs_equal_transformers(policy_env):
