@@ -20,18 +20,26 @@ class Verb:
     module: str
     summary: str
     issue: int
+    starts_processes: bool = False
+    """Starts servers or worker processes: they are reaped when the command dies (parallel/reaper.py)."""
 
 
 VERBS: tuple[Verb, ...] = (
-    Verb("demo", "demo", "The CPU demo: Vision-R1 GRPO vs continued SFT from an SFT warm start (make demo)", 8),
-    Verb("train", "train", "Vision-R1 GRPO (or SFT) from a recipe: rollout, reward, Megatron update, weight sync", 8),
-    Verb("eval", "eval", "Generate boxes with a checkpoint and score COCO / ODinW mAP by the paper's protocol", 9),
+    Verb("demo", "demo", "The CPU demo: Vision-R1 GRPO vs continued SFT from an SFT warm start (make demo)",
+         8, starts_processes=True),
+    Verb("train", "train", "Vision-R1 GRPO (or SFT) from a recipe: rollout, reward, Megatron update, weight sync",
+         8, starts_processes=True),
+    Verb("eval", "eval", "Generate boxes with a checkpoint and score COCO / ODinW mAP by the paper's protocol",
+         9, starts_processes=True),
     Verb("coco-eval", "coco_eval", "COCO bbox metrics of a detections json against a ground-truth json", 9),
     Verb("score", "score", "Score completions with the Vision-R1 reward (official or paper preset)", 3),
-    Verb("convert", "convert", "Convert checkpoints between Hugging Face and Megatron (hf-to-mcore, mcore-to-hf, verify)", 6),
+    Verb("convert", "convert", "Convert checkpoints between Hugging Face and Megatron (hf-to-mcore, mcore-to-hf, verify)",
+         6, starts_processes=True),
     Verb("data", "data", "Build and check datasets (synth, coco, odinw, refcoco, tiny-model, check)", 4),
-    Verb("serve-rollout", "serve_rollout", "Launch an SGLang rollout server for a checkpoint", 7),
-    Verb("bench", "bench", "Benchmarks that print tables (reward, train, convert, sync, coco, scaling, ...)", 3),
+    Verb("serve-rollout", "serve_rollout", "Launch an SGLang rollout server for a checkpoint", 7,
+         starts_processes=True),
+    Verb("bench", "bench", "Benchmarks that print tables (reward, train, convert, sync, coco, scaling, ...)", 3,
+         starts_processes=True),
     Verb("plot", "plot", "Write PNG curves of a run's metrics (reward, KL, mAP, ...)", 8),
     Verb("config", "config_cmd", "Show the resolved configuration of a recipe (config show --recipe NAME)", 2),
 )
@@ -99,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _exit_cleanly_on_sigterm()
+    if next(v for v in VERBS if v.name == args.verb).starts_processes:
+        from megatron_vr1.parallel.reaper import reap_on_exit
+
+        reap_on_exit()
     try:
         return int(args._run(args) or 0)
     except BrokenPipeError:  # e.g. `megatron-vr1 config show ... | head`

@@ -30,3 +30,32 @@ def torchrun(script: str | Path, nproc: int, args: list[str], out_dir: Path, tim
         raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n{proc.stdout[-6000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+TAG_VAR = "MEGATRON_VR1_TEST_JOB"
+"""Set in the environment of a job a test starts: every process the job starts inherits it."""
+
+
+def tagged_processes(tag: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose environment carries ``TAG_VAR=tag``."""
+    needle = f"{TAG_VAR}={tag}\0".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes() + b"\0":
+                found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]))
+        except OSError:
+            continue
+    return found
+
+
+def wait_until_gone(tag: str, timeout: float = 20.0) -> list[tuple[int, str]]:
+    """Wait for every process of the job ``tag`` to exit; returns those still running at the deadline."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

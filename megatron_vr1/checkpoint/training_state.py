@@ -10,12 +10,20 @@ JSON-able loop state (data sampler position, reward-schedule stage, weight_versi
 The optimizer goes through ``optimizer.sharded_state_dict(model_sharded_state_dict)``, so the Adam moments are
 saved against the same global tensors as the weights they belong to. A resume that does not restore them
 (NeMo-RL PR #3171, #3345) is caught by the tests, which compare the moments before save and after load.
+
+A save that fails on any rank fails on every rank (an all-reduce of a failure flag closes each phase, so no rank
+waits in a barrier for one that raised); rank 0 removes the partial directory, and a failure for lack of room
+is one ``CheckpointSpaceError`` with the same message everywhere. A resume first removes what failed or
+crashed saves left behind, so a requeued job finds its space again.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +46,8 @@ weights always reshard: ``checkpoint.init_from``). The non-distributed optimizer
 saved like the weights and loads at any layout."""
 MAX_STATE_BYTES = 1 << 20
 """Cap on the JSON loop state: it is for counters and positions, not data."""
+
+log = logging.getLogger(__name__)
 
 
 class StatefulScheduler(Protocol):
@@ -175,6 +185,124 @@ def _json_state(state: dict[str, Any]) -> str:
     return text
 
 
+def _saved_bytes(sharded: dict[str, Any]) -> int:
+    """Bytes of the tensors this rank writes: main replicas only (the others are written by another rank).
+    The files are slightly larger (headers, metadata), so this is a lower bound, good for "about"."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase, is_main_replica
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from tensors(v)
+
+    return sum(t.nbytes for item in nested_values(sharded)
+               if isinstance(item, ShardedBase) and is_main_replica(item.replica_id) for t in tensors(item.data))
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective on the default group lives: NCCL reduces CUDA tensors only."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(values: list[int], op=dist.ReduceOp.SUM) -> list[int]:
+    t = torch.tensor(values, dtype=torch.int64, device=_collective_device())
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return [int(v) for v in t.tolist()]
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_NO_LIMIT = 1 << 62
+
+
+def _size_limit(own_code: int | None) -> int | None:
+    """The smallest file-size limit among the ranks whose write hit one (collective; EFBIG agreed): the message
+    is written on rank 0, which may not be the rank that hit it."""
+    own = layout.file_size_limit() if own_code == errno.EFBIG else None
+    limit = _all_reduce([_NO_LIMIT if own is None else own], op=dist.ReduceOp.MIN)[0]
+    return None if limit == _NO_LIMIT else limit
+
+
+class _Save:
+    """One save's phases, each closed by an agreement of all ranks on whether any failed (in place of a barrier)."""
+
+    def __init__(self, save_dir: Path, step: int, needed: int):
+        self.save_dir, self.step, self.needed = save_dir, step, needed
+        self.tmp = layout.tmp_dir(save_dir, step)
+
+    def phase(self, work: Callable[[], Any]) -> Any:
+        """Run this rank's ``work``, then agree; on a failure anywhere, clean up and raise on every rank."""
+        error, result = None, None
+        try:
+            result = work()
+        except (KeyboardInterrupt, SystemExit):  # the process is going away: no collectives; a resume cleans up
+            raise
+        except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException; _fail raises
+            error = e
+        code = self._space_errno(error) if error is not None else None
+        votes = _all_reduce([error is not None] + [code == c for c in layout.SPACE_ERRNOS])
+        if votes[0]:
+            agreed = next((c for c, n in zip(layout.SPACE_ERRNOS, votes[1:]) if n), None)
+            self._fail(error, agreed, _size_limit(code) if agreed == errno.EFBIG else None)
+        return result
+
+    def _space_errno(self, error: BaseException) -> int | None:
+        """``layout.space_errno``, which looks at the disk; if that fails too, not a space error (this rank must
+        still reach the agreement, or the others would wait for it)."""
+        try:
+            return layout.space_errno(error, self.tmp, needed=self.needed)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not tell whether the failed save into %s ran out of space: %s", self.tmp, e)
+            return None
+
+    def _fail(self, error: BaseException | None, code: int | None, size_limit: int | None) -> None:
+        """Rank 0 removes the partial directory; every rank raises: the same CheckpointSpaceError when any rank
+        ran out of room, else its own error (or, where this rank's part went well, a CheckpointError)."""
+        message = None
+        if _rank() == 0:
+            removed = True
+            try:
+                layout.clear_partial(self.save_dir)
+            except OSError as e:
+                log.warning("could not remove the partial checkpoint %s: %s", self.tmp, e)
+                removed = False
+            if code is not None:
+                message = layout.space_message(code, save_dir=self.save_dir, step=self.step, needed=self.needed,
+                                               removed=removed, size_limit=size_limit)
+        message = _from_rank0(message)
+        if code is not None:
+            raise layout.CheckpointSpaceError(message) from error
+        if error is not None:
+            raise error
+        raise layout.CheckpointError(f"saving checkpoint step {self.step} into {self.save_dir} failed on another "
+                                     f"rank (its error is in that rank's output); the partial {self.tmp.name} was "
+                                     "removed")
+
+
+def _start_tmp(save_dir: Path, tmp: Path) -> None:
+    """Rank 0: an empty partial directory, after removing what crashed saves left (they hold space we need)."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    layout.clear_partial(save_dir)
+    (tmp / MODEL_OPTIM).mkdir(parents=True)
+    (tmp / "rng").mkdir()
+
+
 def save_checkpoint(*, save_dir: str | Path, step: int, model, optimizer=None,
                     scheduler: StatefulScheduler | None = None, state: dict[str, Any] | None = None,
                     keep_last: int | None = None) -> Path:
@@ -183,29 +311,25 @@ def save_checkpoint(*, save_dir: str | Path, step: int, model, optimizer=None,
     ``model``: a megatron-core model (or DDP-wrapped, or a list of virtual-pipeline chunks); ``optimizer``: a
     megatron optimizer (``get_megatron_optimizer``); ``scheduler``: anything with state_dict/load_state_dict
     (megatron's OptimizerParamScheduler); ``state``: small JSON-able loop state. Atomic: see ``layout``.
-    Returns the published ``iter_XXXXXXX`` directory.
+    Returns the published ``iter_XXXXXXX`` directory. A failure on any rank raises on every rank, after rank 0
+    removed the partial directory (``latest`` is untouched): ``layout.CheckpointSpaceError`` when a disk, quota or
+    file-size limit ran out, else the error itself.
     """
     from megatron.core import dist_checkpointing
 
     save_dir = Path(save_dir)
-    tmp = layout.tmp_dir(save_dir, step)
     state_text = _json_state(state or {})
     rank = _rank()
-    if rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a crashed save of the same step
-            import shutil
+    sharded = _sharded_state(_chunks(model), optimizer, is_loading=False)
+    save = _Save(save_dir, step, needed=_all_reduce([_saved_bytes(sharded)])[0])
+    tmp = save.tmp
 
-            shutil.rmtree(tmp)
-        (tmp / MODEL_OPTIM).mkdir(parents=True)
-        (tmp / "rng").mkdir()
-    _barrier()
-    dist_checkpointing.save(_sharded_state(_chunks(model), optimizer, is_loading=False), str(tmp / MODEL_OPTIM))
-    with open(tmp / "rng" / f"rank{rank}.json", "w") as f:
-        json.dump(capture_rng_state(), f)
-    _barrier()  # every rank has written its shards and RNG file
-    published = save_dir / layout.iter_name(step)
-    if rank == 0:
+    def write() -> None:
+        dist_checkpointing.save(sharded, str(tmp / MODEL_OPTIM))
+        with open(tmp / "rng" / f"rank{rank}.json", "w") as f:
+            json.dump(capture_rng_state(), f)
+
+    def publish() -> Path:
         meta = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(),
                 "layout": _layout() | {"distributed_optimizer": optimizer is not None and
                                        _uses_distributed_optimizer(optimizer)},
@@ -215,8 +339,12 @@ def save_checkpoint(*, save_dir: str | Path, step: int, model, optimizer=None,
         published = layout.publish(save_dir, step)
         if keep_last is not None:
             layout.prune(save_dir, keep_last)
-    _barrier()
-    return published
+        return published
+
+    save.phase(lambda: _start_tmp(save_dir, tmp) if rank == 0 else None)
+    save.phase(write)  # every rank has written its shards and RNG file
+    published = save.phase(publish if rank == 0 else lambda: None)
+    return save_dir / layout.iter_name(step) if published is None else published
 
 
 def _check_optimizer_layout(path: Path, saved: dict[str, Any], optimizer) -> None:
@@ -238,17 +366,43 @@ def _check_optimizer_layout(path: Path, saved: dict[str, Any], optimizer) -> Non
             f"weights at the new layout with checkpoint.init_from={path.parent} (fresh Adam moments)")
 
 
+def _clear_stale_saves(save_dir: Path) -> None:
+    """Rank 0 removes what failed or crashed saves left in ``save_dir`` (``layout.clear_partial``), saying what
+    and how much space that freed; then every rank goes on. Not fatal: a directory that cannot be removed is
+    reported and the resume continues (the next save tries again)."""
+    if _rank() == 0:
+        try:
+            removed = layout.clear_partial(save_dir)
+        except OSError as e:
+            log.warning("could not remove a partial checkpoint in %s: %s", save_dir, e)
+            removed = {}
+        for path, nbytes in removed.items():
+            log.warning("removed %s (left by a save that did not finish), freeing %s", path,
+                        layout.human_bytes(nbytes))
+    _barrier()
+
+
 def load_checkpoint(*, load_dir: str | Path, model, optimizer=None, scheduler: StatefulScheduler | None = None,
-                    load_optimizer: bool = True, load_rng: bool = True) -> ResumeInfo | None:
+                    load_optimizer: bool = True, load_rng: bool = True,
+                    clear_partial: bool | None = None) -> ResumeInfo | None:
     """Restore the state saved by ``save_checkpoint``; collective. ``load_dir`` is a save dir (its ``latest``
     is used) or one ``iter_`` directory. Returns None when the save dir has no ``latest`` (fresh start).
 
     The model may use another TP/PP layout than the one that saved (dist_checkpointing reshards); so may
     the optimizer when it is megatron's non-distributed one (its moments are sharded like the weights). RNG
     states are restored only when the world size matches (a different layout draws different streams anyway).
-    Call on a freshly built scheduler (megatron's steps it forward by the saved count)."""
+    Call on a freshly built scheduler (megatron's steps it forward by the saved count).
+
+    ``clear_partial``: first remove the partial directories of failed or crashed saves from the save dir, so
+    a resumed run has the space they held. The default does so for a resume of the whole training state (an
+    optimizer is loaded) from a save dir, the run's own; a weights-only load (``checkpoint.init_from``, maybe
+    another run's directory, maybe still saving) and a named ``iter_`` directory leave the directory alone."""
     from megatron.core import dist_checkpointing
 
+    want_optimizer = optimizer is not None and load_optimizer
+    load_dir = Path(load_dir)
+    if (want_optimizer if clear_partial is None else clear_partial) and not layout.is_checkpoint_name(load_dir.name):
+        _clear_stale_saves(load_dir)  # same decision on every rank: it holds a barrier
     path = layout.resolve(load_dir)
     if path is None:
         return None
@@ -256,7 +410,6 @@ def load_checkpoint(*, load_dir: str | Path, model, optimizer=None, scheduler: S
     if meta.get("format_version") != FORMAT_VERSION:
         raise layout.CheckpointError(f"{path}: checkpoint format {meta.get('format_version')} is not supported "
                                      f"(this build reads {FORMAT_VERSION})")
-    want_optimizer = optimizer is not None and load_optimizer
     if want_optimizer and not meta["has_optimizer"]:
         raise layout.CheckpointError(f"{path} holds no optimizer state: resume with load_optimizer=False "
                                      "(fresh Adam moments) if that is intended")

@@ -46,8 +46,7 @@ def train(cfg) -> list[dict]:
 
         from megatron_vr1.training.engines import build_engine
 
-        export = lambda: policy.export_buckets(cfg.rollout.bucket_mb * (1 << 20))  # noqa: E731
-        engine = build_engine(cfg, export=export) if is_rank0() else None
+        engine = build_engine(cfg) if is_rank0() else None
         eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         try:
             vision = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>",

@@ -6,6 +6,7 @@
 * ``sampler``    streaming rank-sharded sampler, reshuffled per epoch, resumable
 * ``dataset``    the training stream of Samples, per-epoch bad-row reports, ``model_inputs``
 * ``image``      smart_resize and pixel patches identical to Qwen2.5-VL's processor
+* ``image_check`` is a row's image there, decodable and of the row's size (data check and the dataset)
 * ``prompts``    Table 8 templates (Qwen2.5-VL, Griffon), chat rendering, the SFT answer format
 * ``converters`` COCO detection, ODinW grounding, RefCOCO REC rows and the paper's filters
 * ``coco``       rows -> COCO ground truth, rows writers

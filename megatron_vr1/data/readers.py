@@ -140,11 +140,13 @@ class BadRowCounter:
         if len(self.examples) < self.max_examples:
             self.examples.append(str(error))
 
-    def report(self) -> str:
+    def report(self, examples: bool = True) -> str:
+        """Counts by field, then the first messages; ``examples=False`` where each row was already named."""
         if not self.skipped:
             return "0 bad rows skipped"
         fields = ", ".join(f"{k}: {v}" for k, v in sorted(self.by_field.items()))
-        return f"{self.skipped} bad rows skipped ({fields}); first: " + " | ".join(self.examples)
+        head = f"{self.skipped} bad rows skipped ({fields})"
+        return head + "; first: " + " | ".join(self.examples) if examples else head
 
 
 def iter_parsed(source: Any, indices: Any = None, *, on_bad_row: OnBadRow = "error",

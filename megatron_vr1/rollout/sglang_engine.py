@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from megatron_vr1.rollout.engine import GenerationRequest, collapse_image_pads
-from megatron_vr1.rollout.sglang_http import Endpoint, SGLangHTTPError, is_healthy, parse_weight_version
+from megatron_vr1.rollout.sglang_http import Endpoint, SGLangHTTPError, call, is_healthy, parse_weight_version
 from megatron_vr1.rollout.sglang_payloads import GenerateItem, generate_payload
 from megatron_vr1.rollout.sglang_server import SGLangServer
 from megatron_vr1.types import Completion
@@ -317,7 +317,7 @@ class SGLangEngine:
 
         async def recover() -> None:
             try:
-                await asyncio.to_thread(self.recover_endpoint, slot.server, slot.endpoint)
+                await asyncio.to_thread(self.recover_endpoint, slot.endpoint)
             except BaseException as e:
                 slot.lost = e
                 raise
@@ -329,16 +329,40 @@ class SGLangEngine:
         slot.started.append(slot.recovery)
         return slot.recovery
 
-    def recover_endpoint(self, server: SGLangServer | None, endpoint: Endpoint) -> None:
-        """Bring one server back (restart ours, wait for an attached one), then re-sync its weights."""
+    def _target(self, endpoint: Endpoint) -> SGLangServer | Endpoint:
+        for t in self._targets:
+            if (t.endpoint if isinstance(t, SGLangServer) else t) == endpoint:
+                return t
+        raise KeyError(f"{endpoint.url} is not one of this engine's servers")
+
+    def is_down(self, endpoint: Endpoint, timeout: float = 10.0) -> bool:
+        """True when the server at ``endpoint`` is dead or does not answer. Asks /model_info, which its HTTP
+        process answers itself: /health_generate would wait while a weight sync pauses generation."""
+        target = self._target(endpoint)
+        if isinstance(target, SGLangServer) and not target.alive():
+            return True
+        try:
+            call(endpoint, "/model_info", method="GET", timeout=timeout)
+        except SGLangHTTPError:
+            return True
+        return False
+
+    def restart_endpoint(self, endpoint: Endpoint) -> None:
+        """Bring one server back with the weights it starts from: restart ours (same port, so the same URL), or
+        wait for an attached one to answer again. Its weights must then be synced (``recover_endpoint``)."""
         self.recoveries += 1
-        if server is not None:
-            server.restart()
-        else:
-            deadline = time.monotonic() + self.recovery_timeout_s
-            while not is_healthy(endpoint):
-                if time.monotonic() > deadline:
-                    raise ServerLost(f"{endpoint.url} did not become healthy within {self.recovery_timeout_s:.0f} s")
-                time.sleep(2.0)
+        target = self._target(endpoint)
+        if isinstance(target, SGLangServer):
+            target.restart()
+            return
+        deadline = time.monotonic() + self.recovery_timeout_s
+        while not is_healthy(endpoint):
+            if time.monotonic() > deadline:
+                raise ServerLost(f"{endpoint.url} did not become healthy within {self.recovery_timeout_s:.0f} s")
+            time.sleep(2.0)
+
+    def recover_endpoint(self, endpoint: Endpoint) -> None:
+        """Bring one server back, then re-sync its weights (every registered hook: the weight syncer)."""
+        self.restart_endpoint(endpoint)
         for hook in self._resync_hooks:
             hook(endpoint)

@@ -2,9 +2,10 @@
 attached by URL) kept in sync with the policy through one WeightSyncer.
 
 Every weight push goes through the exporter (``Policy.export_buckets``) whatever the transport, and carries a
-monotonically increasing ``weight_version`` that the syncer verifies on every server. A server that crashes is
-restarted by the SGLang engine, which then calls the syncer's ``resync``; that re-exports the current weights
-(possible in a world of one process, where the export needs no other rank).
+monotonically increasing ``weight_version`` that the syncer verifies on every server. A server that dies is
+restarted and brought to the current weights, whenever it dies: while generating (the SGLang engine restarts it
+and calls the syncer's ``resync``) or inside a sync (the syncer restarts it and pushes again). Either re-exports
+the policy's weights, which every rank takes part in (``training.weights``).
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_vr1.config.run import RunConfig
 from megatron_vr1.rollout.engine import RolloutEngine
 
 
 class SGLangRollout:
-    """The RolloutEngine the loop drives: an ``SGLangEngine`` plus the ``WeightSyncer`` that updates it."""
+    """The RolloutEngine the loop drives: an ``SGLangEngine`` plus the ``WeightSyncer`` that updates it. The
+    weight source is a callable that exports again on every call (``training.weights.WeightExports``): the
+    syncer calls it once per push, and once more for each server it had to restart."""
 
-    def __init__(self, engine, syncer, reexport: Callable[[], Iterable] | None):
-        self.engine, self.syncer, self._reexport = engine, syncer, reexport
+    def __init__(self, engine, syncer):
+        self.engine, self.syncer = engine, syncer
 
     @property
     def weight_version(self) -> int:
@@ -31,20 +32,9 @@ class SGLangRollout:
     def generate(self, requests):
         return self.engine.generate(requests)
 
-    def update_weights_from_buckets(self, buckets: Iterable, version: int) -> int:
-        """Push ``buckets`` (from the exporter) as ``version``; returns the number of tensors sent."""
-        first = [buckets]
-
-        def source():
-            if first:  # this sync: the buckets the loop already exported
-                return first.pop()
-            if self._reexport is None:  # a later resync of a restarted server
-                raise RuntimeError("a restarted rollout server must be re-synced with every trainer rank; "
-                                   "restart the job with --resume")
-            return self._reexport()
-
-        report = self.syncer.sync(source, version)
-        return report.stats.tensors
+    def sync(self, source: Callable[[], Iterable], version: int) -> int:
+        """Push ``source()`` as ``version`` to every server; returns the number of tensors sent."""
+        return self.syncer.sync(source, version).stats.tensors
 
     def close(self) -> None:
         try:
@@ -66,8 +56,8 @@ def _transport(cfg: RunConfig, device: str):
     return DiskTransport(root=Path(cfg.log.run_dir) / "weights", base_model_dir=cfg.model.hf_path)
 
 
-def build_engine(cfg: RunConfig, *, export: Callable[[], Iterable]) -> RolloutEngine:
-    """Rank 0's rollout engine for ``cfg.rollout.engine``; ``export`` re-exports the policy's weight buckets."""
+def build_engine(cfg: RunConfig) -> RolloutEngine:
+    """Rank 0's rollout engine for ``cfg.rollout.engine``."""
     if cfg.rollout.engine == "hf":
         from megatron_vr1.parallel.state import device
         from megatron_vr1.rollout.hf_engine import HFEngine
@@ -99,5 +89,4 @@ def build_engine(cfg: RunConfig, *, export: Callable[[], Iterable]) -> RolloutEn
     except BaseException:
         engine.close()
         raise
-    single = not dist.is_initialized() or dist.get_world_size() == 1
-    return SGLangRollout(engine, syncer, export if single else None)
+    return SGLangRollout(engine, syncer)

@@ -26,8 +26,9 @@ from megatron_vr1.training.batch import PreparedPrompt, build_train_batch, prepa
 from megatron_vr1.training.metrics import MetricsLogger
 from megatron_vr1.training.policy import Policy, grpo_loss_fn
 from megatron_vr1.training.sharding import shard_batch
-from megatron_vr1.training.state import (budget_reached, is_rank0, load_or_start, reward_scalars, save_state,
-                                         scatter_shards, sync_weights)
+from megatron_vr1.training.state import (broadcast_object, budget_reached, is_rank0, load_or_start,
+                                         reward_scalars, save_state, scatter_shards)
+from megatron_vr1.training.weights import WeightExports, sync_weights
 from megatron_vr1.types import RolloutGroup, Sample
 
 
@@ -112,10 +113,12 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
     dynamic = (DynamicSampler(target_groups=g.prompts_per_step, max_rounds=g.dynamic_sampling_max_rounds)
                if g.dynamic_sampling else None)
     start, version = load_or_start(cfg, policy, dataset=dataset, schedule=schedule, dynamic=dynamic)
-    if rank0 and engine is not None and engine.weight_version < version:
-        sync_weights(policy, engine, version, cfg)  # a resumed run's engine starts from the saved weights
+    exports = WeightExports(policy, cfg.rollout.bucket_mb * (1 << 20))
+    if broadcast_object(rank0 and engine is not None and engine.weight_version < version):
+        sync_weights(exports, engine, version)  # a resumed run's engine starts from the saved weights
     log = MetricsLogger(cfg.log.run_dir, total_steps=g.stop_at_step or g.train_steps, start_step=start,
-                        enabled=rank0, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+                        enabled=rank0, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+                        rollouts=cfg.log.rollouts)
     worker = RewardWorker(cfg.reward, schedule=schedule) if rank0 else None
     records, loss_fn, started = [], grpo_loss_fn(cfg), time.time()
     try:
@@ -123,8 +126,12 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
         for step in range(start + 1, end + 1):
             t0 = time.time()
             batch, shards, scalars = None, None, {}
-            if rank0:
+            if not rank0:
+                exports.follow()  # rank 0 may re-export while generating: a server it restarted needs the weights
+            else:
                 kept, groups, rewards, zero_var = sample_step(engine, samples, tokenizer, cfg, worker, step, dynamic)
+                exports.release()
+                log.log_rollouts(step, groups, rewards)
                 # Dynamic sampling can come back empty-handed (every group flat after its round cap): no update.
                 batch = build_train_batch(
                     [k.group for k in kept], [k.prompt for k in kept], torch.cat([k.advantages for k in kept]),
@@ -134,6 +141,8 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                     any(t in vision_ids for t in c.token_ids) for grp in groups for c in grp.completions
                 ) / max(1, len(rewards))
                 scalars["rollout/groups_trained"] = float(len(kept))
+                if dataset is not None:  # rank 0 reads all data, so its count is the run's
+                    scalars["data/bad_rows_skipped"] = float(dataset.bad_rows_skipped)
                 if dynamic is not None:
                     scalars.update({f"dynamic_sampling/{k}": float(v) for k, v in dynamic.counters.items()})
                 scalars["rollout/time_s"] = time.time() - t0
@@ -156,7 +165,7 @@ def grpo_train(cfg: RunConfig, policy: Policy, engine: RolloutEngine | None, sam
                                   "train/lr": results[-1].lr, "train/optimizer_steps": float(len(results))})
                 version += 1
                 t_sync = time.time()
-                sync_weights(policy, engine if rank0 else None, version, cfg)  # the export is collective
+                sync_weights(exports, engine, version)  # rank 0 leads the collective export, the others follow
                 scalars["time/train_s"], scalars["time/sync_s"] = t_sync - t_train, time.time() - t_sync
             scalars["time/step_s"] = elapsed = time.time() - t0
             if batch is not None:  # rank 0 keeps the whole step's batch for its logs

@@ -71,6 +71,8 @@ def sft_train(cfg: RunConfig, policy: Policy, samples: Iterator[Sample], *, toke
                        "train/lr": result.lr, "time/step_s": elapsed, "time/elapsed_s": time.time() - started}
             if batch is not None:  # rank 0 holds the whole step
                 scalars["throughput/tokens_per_s"] = float(batch.loss_mask.sum()) / max(elapsed, 1e-9)
+            if dataset is not None:  # rank 0 reads all data, so its count is the run's
+                scalars["data/bad_rows_skipped"] = float(dataset.bad_rows_skipped)
             if rank0:
                 log.log(step, scalars)
                 records.append({"step": step, **scalars})

@@ -1,5 +1,5 @@
-"""The loop's plumbing, kept out of loop.py so the loop reads like the algorithm: rank helpers, weight sync into
-the engine, reward/rollout scalars, and checkpoint save/resume through the checkpoint package."""
+"""The loop's plumbing, kept out of loop.py so the loop reads like the algorithm: rank helpers, reward/rollout
+scalars, and checkpoint save/resume through the checkpoint package (weight sync: training/weights.py)."""
 
 from __future__ import annotations
 
@@ -57,20 +57,6 @@ def scatter_shards(shards: list | None) -> Any:
     out: list[Any] = [None]
     dist.scatter_object_list(out, objects, src=0)
     return out[0]
-
-
-def sync_weights(policy, engine, version: int, cfg: RunConfig) -> int:
-    """Stream the policy's HF-named weights (exporter buckets) into ``engine`` as ``version``; collective over
-    the ranks, only rank 0 passes an engine. Returns the number of tensors sent (0 on other ranks)."""
-    buckets = policy.export_buckets(cfg.rollout.bucket_mb * (1 << 20))
-    if engine is None:
-        for _ in buckets:  # take part in the collective export
-            pass
-        return 0
-    if hasattr(engine, "update_weights_from_buckets"):  # the SGLang engine's bucketed transport
-        return engine.update_weights_from_buckets(buckets, version)
-    # In-process engine: one versioned update over all buckets.
-    return engine.update_weights((nt for bucket in buckets for nt in bucket), version)
 
 
 def budget_reached(started: float, budget_s: float) -> bool:

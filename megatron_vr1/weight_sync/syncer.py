@@ -4,11 +4,17 @@ Per sync: pause generation (running requests are aborted and the rollout engine 
 kept completion comes from one weight version) → flush the cache → (GPU colocated:
 resume the weight memory) → push every bucket → stamp and verify the new ``weight_version`` on every server
 → flush again (no prefix computed with old weights survives) → (GPU colocated: resume the KV cache) →
-continue generation. A failure anywhere still continues generation before it propagates.
+continue generation. A failure anywhere still continues generation on every server that answers.
+
+A server can die at any point of this. When a step fails and a server is found down (its process gone, or no
+answer), the syncer has the rollout engine restart it (it comes back with the weights it was launched with)
+and runs the whole sync again on every server: each phase is idempotent, and a half-paused, half-updated set of
+servers is brought to one version. A server that dies between syncs is restarted by the engine while generating,
+which then calls ``resync`` to bring it to the current version.
 
 The source of the weights is a zero-argument callable returning an iterable of buckets (the exporter, or a
-safetensors reader), not the iterable itself: after a crashed server is restarted, the rollout engine calls
-``resync`` and the same source is exported again at the current version.
+safetensors reader), not the iterable itself: each push, first or repeated, calls it for a fresh export. What a
+failed push left of an export is drained: a collective export must end on every rank.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ class WeightSyncer:
     """Versioned pushes of one weight source to a fixed set of servers."""
 
     def __init__(self, endpoints: list[Endpoint], transport: Transport, *, device: str = "cpu",
-                 colocated: bool = False, control_timeout_s: float = 120.0, engine=None):
+                 colocated: bool = False, control_timeout_s: float = 120.0, engine=None, max_attempts: int = 3):
         if not endpoints:
             raise ValueError("WeightSyncer needs at least one server endpoint")
         self.endpoints = list(endpoints)
@@ -61,6 +67,10 @@ class WeightSyncer:
         self.device = device
         self.colocated = colocated
         self.control_timeout_s = control_timeout_s
+        self.max_attempts = max_attempts
+        """Tries of one sync (the first, then one per round of restarts)."""
+        self.restarts = 0
+        """Servers this syncer had restarted because they died inside a sync (monitoring, fault tests)."""
         self.version = 0
         self._source: BucketSource | None = None
         self._engine = engine
@@ -73,7 +83,7 @@ class WeightSyncer:
         if version <= self.version:
             raise ValueError(f"weight version {version} is not above the current {self.version}; "
                              "versions must increase monotonically")
-        report = self._push(self.endpoints, source, version)
+        report = self._push_recovering(self.endpoints, source, version)
         self.version, self._source = version, source
         if self._engine is not None:
             self._engine.set_weight_version(version)
@@ -88,9 +98,34 @@ class WeightSyncer:
         if reconnect is not None:
             # A restarted server left the broadcast group: rebuild it with every server, then push to all.
             reconnect(self.endpoints)
-            self._push(self.endpoints, self._source, self.version)
+            self._push_recovering(self.endpoints, self._source, self.version)
         else:
-            self._push([endpoint], self._source, self.version)
+            self._push_recovering([endpoint], self._source, self.version)
+
+    def _push_recovering(self, endpoints: list[Endpoint], source: BucketSource, version: int) -> SyncReport:
+        """``_push``, again after restarting the servers that died during it (see the module docstring)."""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return self._push(endpoints, source, version)
+            except SGLangHTTPError as e:
+                down = self._down(endpoints) if e.retryable and attempt < self.max_attempts else []
+                if not down:
+                    raise
+                log.warning("weight sync to version %d failed (%s); restarting %s and syncing again", version, e,
+                            ", ".join(ep.url for ep in down))
+                for ep in down:
+                    self._engine.restart_endpoint(ep)
+                    self.restarts += 1
+                reconnect = getattr(self.transport, "connect", None)
+                if reconnect is not None:  # restarted servers left the broadcast group
+                    reconnect(self.endpoints)
+        raise AssertionError("unreachable")
+
+    def _down(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """The servers that are dead or do not answer (none without an engine to restart them)."""
+        if self._engine is None:
+            return []
+        return [ep for ep in endpoints if self._engine.is_down(ep)]
 
     def _push(self, endpoints: list[Endpoint], source: BucketSource, version: int) -> SyncReport:
         t0 = time.perf_counter()
@@ -103,12 +138,18 @@ class WeightSyncer:
         try:
             self._each(endpoints, flush, None)
             self._memory(endpoints, "/resume_memory_occupation", ["weights"])
-            stats = self.transport.push(endpoints, source(), version)
+            buckets = iter(source())
+            try:
+                stats = self.transport.push(endpoints, buckets, version)
+            except Exception:
+                for _ in buckets:  # a push cut short: the collective export must still end on every rank
+                    pass
+                raise
             self._each(endpoints, "/update_weight_version", update_weight_version_payload(version))
             self._each(endpoints, flush, None)
             self._memory(endpoints, "/resume_memory_occupation", ["kv_cache"])
         finally:
-            self._each(endpoints, "/continue_generation", continue_generation_payload())
+            self._each(endpoints, "/continue_generation", continue_generation_payload(), every=True)
         for ep in endpoints:
             got = weight_version(ep, timeout=self.control_timeout_s)
             if got != version:
@@ -127,9 +168,19 @@ class WeightSyncer:
             return
         self._each(endpoints, path, memory_payload(tags))
 
-    def _each(self, endpoints: list[Endpoint], path: str, payload: dict | None) -> None:
+    def _each(self, endpoints: list[Endpoint], path: str, payload: dict | None, *, every: bool = False) -> None:
+        """Call ``path`` on each server in turn; with ``every``, on all of them even when one fails (then the
+        first error is raised at the end)."""
+        errors = []
         for ep in endpoints:
-            call(ep, path, payload, timeout=self.control_timeout_s)
+            try:
+                call(ep, path, payload, timeout=self.control_timeout_s)
+            except SGLangHTTPError as e:
+                if not every:
+                    raise
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def close(self) -> None:
         if self._engine is not None:

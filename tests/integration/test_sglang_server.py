@@ -208,3 +208,58 @@ def test_killed_server_is_restarted_resynced_and_requests_retried(engine, server
     assert weight_version(server.endpoint) == version
     assert max_logprob_gap(groups[:2], requests[:2], reference) <= TOL
     assert time.monotonic() - t0 < server.spec.startup_timeout_s + 300
+
+
+SYNC_PHASES = {  # phase -> (module whose `call` sends it, route, which call of that route the kill precedes)
+    "pause": ("syncer", "/pause_generation", 1),
+    "update": ("tensor", "/update_weights_from_tensor", 2),  # one bucket of the new weights already landed
+    "flush": ("syncer", "/flush_cache", 2),  # the flush after the update
+    "continue": ("syncer", "/continue_generation", 1),
+}
+
+
+@pytest.mark.parametrize("phase", list(SYNC_PHASES))
+def test_server_killed_inside_a_sync_phase_is_restarted_and_brought_to_the_new_weights(
+        phase, engine, server, reference, assets, monkeypatch):
+    """SIGKILL the server's process group just as the syncer sends a phase's request: the sync restarts it, pushes
+    the new weights again (a fresh export), and returns with the server at the new version, sampling with
+    exactly the new weights."""
+    from megatron_vr1.weight_sync import syncer as syncer_module, tensor as tensor_module
+
+    module, route, nth = SYNC_PHASES[phase]
+    target = {"syncer": syncer_module, "tensor": tensor_module}[module]
+    real_call, sent = target.call, []
+
+    def call_killing_the_server(endpoint, path, *args, **kwargs):
+        if path.split("?")[0] == route:
+            sent.append(path)
+            if len(sent) == nth:
+                server.kill()
+                server.proc.wait(timeout=30)
+        return real_call(endpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(target, "call", call_killing_the_server)
+    new = perturbed(assets["model_dir"], 20 + list(SYNC_PHASES).index(phase))
+    exports = []
+
+    def source():
+        exports.append(phase)
+        return rebucket(new.items(), 1 * MB)
+
+    syncer = WeightSyncer([server.endpoint], TensorTransport(device="cpu"), device="cpu", engine=engine)
+    syncer.version = engine.weight_version
+    pid = server.proc.pid
+    try:
+        report = syncer.sync(source)
+    finally:
+        syncer.close()
+    assert len(sent) > nth, f"the {phase} phase was not sent again after the restart: {sent}"
+    assert server.proc.pid != pid and syncer.restarts == 1
+    # The weights are exported again for the push after the restart (not before the first push had started).
+    assert len(exports) == (1 if phase == "pause" else 2)
+    assert weight_version(server.endpoint) == report.version == engine.weight_version
+    reference.update_weights(new.items(), report.version)
+    requests = requests_for(assets["image"], tag=f"after-{phase}")
+    groups = engine.generate(requests)
+    assert all(c.weight_version == report.version for g in groups for c in g)
+    assert max_logprob_gap(groups, requests, reference) <= TOL

@@ -1,9 +1,10 @@
 """Resume exactness: a GRPO run killed with SIGKILL mid-run and restarted with --resume logs the same metrics as an
 uninterrupted run (CPU, HFEngine rollout, checkpoint every 2 steps: model, Adam, LR schedule, RNG, data position,
-reward stage, weight version)."""
+reward stage, weight version), and the SIGKILL leaves none of the processes the trainer started running."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, TAG_VAR, tagged_processes, wait_until_gone
 from training_data import tiny_hf_dir
 
 pytestmark = pytest.mark.slow
@@ -49,8 +50,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(hf_dir, data, killed_dir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    tag = f"resume-{os.getpid()}-{time.monotonic_ns()}"
+    proc = subprocess.Popen(_cmd(hf_dir, data, killed_dir), cwd=REPO, env=dict(_env(), **{TAG_VAR: tag}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed_dir / "metrics.jsonl"
     deadline = time.time() + 900
     # Kill as soon as a checkpoint is published and two steps are logged. Steps take under a second here, so
@@ -61,8 +63,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed; raise STEPS"
+    started = {cmd for _, cmd in tagged_processes(tag)}
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # Nothing the trainer started outlives it: the reward worker, the checkpoint writer's queue manager, their
+    # resource tracker (all spawned children; they used to live on under PID 1).
+    left = wait_until_gone(tag)
+    for pid, _ in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"started by the trainer: {started}; still running after it was killed: {left}"
     resumed_from = (killed_dir / "checkpoints" / "latest").read_text().strip()
     assert resumed_from in {f"iter_{k:07d}" for k in range(2, STEPS, 2)}, resumed_from
     assert len(read_metrics(killed_dir)) < STEPS
@@ -70,3 +79,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _strip(read_metrics(killed_dir)) == _strip(read_metrics(tmp_path / "full"))
+    # The file itself, not just read_metrics, holds each step once: steps the killed run logged after its last
+    # checkpoint were moved to metrics.rewoundN.jsonl when the resumed run redid them.
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1)), logged

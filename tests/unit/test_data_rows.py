@@ -178,3 +178,42 @@ def test_iter_epoch_is_one_pass_without_moving_the_training_position(rows_dir):
     data = LocalizationDataset(rows_dir / "r.jsonl", on_bad_row="skip", shuffle=False)
     assert [s.sample_id for s in data.iter_epoch()] == ["r.jsonl:1", "r.jsonl:2", "r.jsonl:4"]
     assert data.epoch_reports[-1].skipped == 1 and data.sampler.state_dict()["offset"] == 0
+
+
+def test_dataset_skips_rows_whose_image_is_bad_and_names_each_once(rows_dir, caplog):
+    """A missing, corrupt or wrongly sized image is a bad row like a schema error: counted on every visit, named
+    in the log on the first only; under "error" it is the RowError that stops the run."""
+    Image.new("RGB", (50, 60)).save(rows_dir / "small.png")
+    (rows_dir / "corrupt.png").write_bytes(b"\x89PNG not really")
+    lines = [_row(), _row(image="missing.png"), _row(image="corrupt.png"), _row(image="small.png")]
+    (rows_dir / "r.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    data = LocalizationDataset(rows_dir / "r.jsonl", on_bad_row="skip", seed=5)
+    with caplog.at_level(logging.WARNING):
+        it = iter(data)
+        assert [next(it).sample_id for _ in range(3)] == ["r.jsonl:1"] * 3  # three epochs
+    # Epochs 0 and 1 were read through (3 bad rows each), epoch 2 up to its good row.
+    assert data.bad_rows_skipped == 6 + [int(i) for i in data.sampler.epoch_indices(2)].index(0)
+    for row, field in ((2, "image"), (3, "image"), (4, "width")):
+        assert caplog.text.count(f"r.jsonl row {row} field '{field}'") == 1
+    assert "3 bad rows skipped (image: 2, width: 1)" in caplog.text
+    resumed = LocalizationDataset(rows_dir / "r.jsonl", on_bad_row="skip", seed=5)
+    resumed.load_state_dict(data.state_dict())
+    assert resumed.bad_rows_skipped == data.bad_rows_skipped  # the logged count continues across a resume
+    strict = LocalizationDataset(rows_dir / "r.jsonl", on_bad_row="error", shuffle=False)
+    with pytest.raises(RowError, match=r"r.jsonl row 2 field 'image': file .*missing.png does not exist"):
+        list(zip(range(4), strict))
+
+
+def test_model_inputs_reuses_the_image_the_dataset_just_decoded(rows_dir, monkeypatch):
+    import megatron_vr1.data.dataset as dataset_mod
+
+    (rows_dir / "r.jsonl").write_text(json.dumps(_row()) + "\n")
+    data = LocalizationDataset(rows_dir / "r.jsonl", shuffle=False, min_pixels=56 * 56, max_pixels=112 * 112)
+    it = iter(data)
+    first, second = next(it), next(it)
+    decodes = []
+    monkeypatch.setattr(dataset_mod, "open_image", lambda src: decodes.append(src) or Image.open(src).convert("RGB"))
+    a = dataset_mod.model_inputs(second, min_pixels=56 * 56, max_pixels=112 * 112, backend="pil")
+    b = dataset_mod.model_inputs(first, min_pixels=56 * 56, max_pixels=112 * 112, backend="pil")
+    assert decodes == [first.image]  # the sample just drawn reused the check's decode; an older one decodes again
+    assert (a.pixel_values == b.pixel_values).all() and a.image_grid_thw == b.image_grid_thw
