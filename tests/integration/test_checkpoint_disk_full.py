@@ -181,9 +181,10 @@ def _fsize_child(save_dir: Path, out: str) -> None:
     with world_of_one():  # torchrun's world here: parallel.state reads RANK / WORLD_SIZE
         rank = dist.get_rank()
         ddp, optimizer = _trainer()
-        from megatron_vr1.checkpoint.training_state import _chunks, _saved_bytes, _sharded_state
+        from megatron_vr1.checkpoint.save_agreement import saved_bytes
+        from megatron_vr1.checkpoint.training_state import _chunks, _sharded_state
 
-        limit = _saved_bytes(_sharded_state(_chunks(ddp), optimizer, is_loading=False)) // 4
+        limit = saved_bytes(_sharded_state(_chunks(ddp), optimizer, is_loading=False)) // 4
         hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         seen = fault_then_recover(
             save_dir, ddp, optimizer,
@@ -258,26 +259,26 @@ def test_resume_removes_partial_saves(trainer, tmp_path, caplog):
 
 
 def test_space_message_suggests_keep_last_when_it_frees_space(tmp_path):
-    from megatron_vr1.checkpoint import layout
+    from megatron_vr1.checkpoint import layout, space
 
     for step in (1, 2):
         path = tmp_path / layout.iter_name(step)
         path.mkdir()
         (path / "shard").write_bytes(b"x" * 50_000)
     (tmp_path / "latest").write_text("iter_0000002\n")
-    message = layout.space_message(errno.ENOSPC, save_dir=tmp_path, step=3, needed=49_000, removed=True)
+    message = space.space_message(errno.ENOSPC, save_dir=tmp_path, step=3, needed=49_000, removed=True)
     assert message.startswith(f"saving checkpoint step 3 into {tmp_path} failed: the filesystem is full.")
     assert "about 49.0 kB (the tensors it saves; iter_0000002 takes 5" in message, message
     assert "lower checkpoint.keep_last (2 complete checkpoints there use 10" in message, message
     assert "`latest` still names iter_0000002" in message
-    quota = layout.space_message(errno.EDQUOT, save_dir=tmp_path, step=3, needed=49_000, removed=False)
+    quota = space.space_message(errno.EDQUOT, save_dir=tmp_path, step=3, needed=49_000, removed=False)
     assert "quota" in quota and "could not be removed: delete it" in quota
 
 
 def test_space_errno_reads_the_failure_chain(tmp_path):
     """The errno survives a wrapping; where megatron's writer drops it, an unrelated failure with room to
     spare is not called a space problem."""
-    from megatron_vr1.checkpoint.layout import space_errno
+    from megatron_vr1.checkpoint.space import space_errno
 
     try:
         try:
