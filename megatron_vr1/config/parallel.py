@@ -34,6 +34,10 @@ class ParallelConfig:
     (ZeRO-1), gradients reduce-scattered and parameters all-gathered (overlapped with compute when DP > 1)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """"auto": nccl when CUDA is available, gloo otherwise."""
+    timeout_s: float = 600.0
+    """How long a collective may wait (Megatron-LM's ``--distributed-timeout-minutes``, 10 by default). The other
+    ranks wait in one while rank 0 generates a step's rollouts, and while it restarts a rollout server that died
+    and syncs it: raise this when those take longer (long generations, large models that load slowly)."""
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -43,6 +47,7 @@ class ParallelConfig:
         require(not self.sequence_parallel or self.tensor_parallel > 1, "parallel.sequence_parallel",
                 self.sequence_parallel, "sequence parallelism splits over the TP group; set tensor_parallel > 1 "
                 "or sequence_parallel=false")
+        require(self.timeout_s > 0, "parallel.timeout_s", self.timeout_s, "use seconds > 0")
         for name in ("pipeline_first_stage_layers", "pipeline_last_stage_layers"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 0, f"parallel.{name}", v, "use 0 (an even split) or a layer count")

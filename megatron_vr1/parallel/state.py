@@ -28,7 +28,7 @@ def backend_for(cfg: ParallelConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def initialize(cfg: ParallelConfig, env: DistEnv | None = None, timeout_s: float = 600.0) -> DistEnv:
+def initialize(cfg: ParallelConfig, env: DistEnv | None = None) -> DistEnv:
     """Initialise torch.distributed (if needed) and megatron's model-parallel groups.
 
     On CPU the megatron-core compatibility layer is applied first. Seeds the tensor-parallel RNG with
@@ -38,13 +38,24 @@ def initialize(cfg: ParallelConfig, env: DistEnv | None = None, timeout_s: float
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.master_addr, str(env.master_port)
         if backend_for(cfg) == "gloo":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if env.master_addr in ("127.0.0.1", "localhost") else "")
             if not os.environ["GLOO_SOCKET_IFNAME"]:
                 del os.environ["GLOO_SOCKET_IFNAME"]
-        dist.init_process_group(backend=backend_for(cfg), rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        # env:// rendezvous (under torchrun it reuses the agent's store), with the address set only for the call:
+        # left in os.environ, a world of one's free port would be inherited by every process started later (a
+        # Slurm job step, a converter) and bound by it while something else may have taken it since.
+        saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.master_addr, str(env.master_port)
+        try:
+            dist.init_process_group(backend=backend_for(cfg), rank=env.rank, world_size=env.world_size,
+                                    timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     if not torch.cuda.is_available():
         from megatron_vr1.parallel import cpu_compat
 
