@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_vr1.checkpoint.layout import CheckpointError
     from megatron_vr1.config import ConfigError, load_recipe
     from megatron_vr1.data.schema import RowError
+    from megatron_vr1.rollout.hosts import TransportUnreachable
     from megatron_vr1.rollout.sglang_server import SGLangNotInstalled
 
     try:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resume is not None:
             cfg.checkpoint.resume = args.resume
         records = train(cfg)
-    except (ConfigError, RowError, FileNotFoundError, CheckpointError, SGLangNotInstalled) as e:
+    except (ConfigError, RowError, FileNotFoundError, CheckpointError, SGLangNotInstalled, TransportUnreachable) as e:
         print(f"megatron-vr1 train: {e}", file=sys.stderr)
         return 2
     if records:

@@ -34,6 +34,10 @@ class RolloutConfig:
     max_new_tokens: int = 512
     request_timeout_s: float = 300.0
     sync_transport: Literal["tensor", "distributed", "disk"] = "tensor"
+    """How new weights reach the servers. "tensor": shared-memory (CPU) or CUDA-IPC handles, for servers on this
+    host only (a server elsewhere is refused before anything is sent); "distributed": a process group the
+    servers' TP ranks join, across hosts (this process listens on its address that routes to the servers);
+    "disk": safetensors in the run dir, which the servers must see (a shared filesystem)."""
     bucket_mb: int = 512
     """Weight-sync bucket size; buckets below ~512 MB have corrupted large models in SGLang."""
 

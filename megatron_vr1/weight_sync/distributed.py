@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_vr1.parallel.env import free_port
+from megatron_vr1.rollout.hosts import (TransportUnreachable, host_of, is_this_host, route_address,
+                                        server_tensor_parallel)
 from megatron_vr1.rollout.sglang_http import Endpoint, SGLangHTTPError, call
 from megatron_vr1.rollout.sglang_payloads import (destroy_group_payload, init_group_payload,
                                                   update_from_distributed_payload)
@@ -55,34 +57,54 @@ class DistributedTransport:
 
     name = "distributed"
 
-    def __init__(self, *, device: str = "cpu", master_address: str = "127.0.0.1", group_name: str = "vr1_weights",
-                 ranks_per_server: int = 1, timeout_s: float = 300.0):
+    def __init__(self, *, device: str = "cpu", master_address: str = "", group_name: str = "vr1_weights",
+                 ranks_per_server: int = 0, timeout_s: float = 300.0):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device={device!r} is invalid: use 'cpu' (gloo) or 'cuda' (NCCL)")
         self.device = torch.device(device)
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.master_address = master_address
+        """Where the servers reach this process's end of the group; "" = this host's address that routes to the
+        first server (127.0.0.1 for a server on this host)."""
+        self.group_address = ""
+        """The address the current group listens on."""
         self.group_name = group_name
         self.ranks_per_server = ranks_per_server
+        """Group ranks each server brings (its TP ranks); 0 = ask each server (/server_info tp_size)."""
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._group: dist.ProcessGroup | None = None
         self._members: list[Endpoint] = []
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="weight-sync")
 
+    def check_reach(self, endpoints: list[Endpoint]) -> None:
+        """A loopback group address cannot be reached from a server on another host: refuse before sending."""
+        if not self.master_address or not self.master_address.startswith("127."):
+            return
+        for ep in endpoints:
+            if not is_this_host(host_of(ep)):
+                raise TransportUnreachable(
+                    f"rollout.sync_transport=distributed: {ep.url} runs on another host ({host_of(ep)}) and cannot "
+                    f"reach the weight-update group at {self.master_address}; leave the group address empty "
+                    "(this host's address that routes to the server is used) or give a routable one")
+
     def connect(self, endpoints: list[Endpoint]) -> None:
         """(Re)build the group with exactly these servers; an old group is torn down on both sides first."""
         with self._lock:
             self._disconnect()
-            port = free_port()
-            world = 1 + self.ranks_per_server * len(endpoints)
+            self.check_reach(endpoints)
+            address = self.master_address or route_address(host_of(endpoints[0]))
+            ranks = [self.ranks_per_server or server_tensor_parallel(ep, timeout=self.timeout_s) for ep in endpoints]
+            offsets = [1 + sum(ranks[:i]) for i in range(len(endpoints))]
+            port, world = free_port(address), 1 + sum(ranks)
             calls = [self._pool.submit(call, ep, "/init_weights_update_group", init_group_payload(
-                master_address=self.master_address, master_port=port, rank_offset=1 + i * self.ranks_per_server,
-                world_size=world, group_name=self.group_name, backend=self.backend), timeout=self.timeout_s)
-                for i, ep in enumerate(endpoints)]
+                master_address=address, master_port=port, rank_offset=offset, world_size=world,
+                group_name=self.group_name, backend=self.backend), timeout=self.timeout_s)
+                for ep, offset in zip(endpoints, offsets)]
             self._group = init_custom_process_group(
-                backend=self.backend, init_method=f"tcp://{self.master_address}:{port}", world_size=world, rank=0,
+                backend=self.backend, init_method=f"tcp://{address}:{port}", world_size=world, rank=0,
                 group_name=self.group_name, timeout=timedelta(seconds=self.timeout_s))
+            self.group_address = address
             for c in calls:
                 c.result(timeout=self.timeout_s)
             self._members = list(endpoints)

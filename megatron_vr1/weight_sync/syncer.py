@@ -62,6 +62,9 @@ class WeightSyncer:
                  colocated: bool = False, control_timeout_s: float = 120.0, engine=None, max_attempts: int = 3):
         if not endpoints:
             raise ValueError("WeightSyncer needs at least one server endpoint")
+        check_reach = getattr(transport, "check_reach", None)
+        if check_reach is not None:  # a transport that cannot reach a server fails here, before anything is sent
+            check_reach(list(endpoints))
         self.endpoints = list(endpoints)
         self.transport = transport
         self.device = device
