@@ -21,6 +21,11 @@ class RolloutConfig:
     api_key: str = ""
     max_running_requests: int = 0
     """A launched server's concurrent requests; 0 = SGLang's default on GPU, 128 on CPU (whole rollout batches)."""
+    max_total_tokens: int = 0
+    """A launched server's KV cache in tokens; 0 = SGLang sizes it from mem_fraction_static on GPU, 8192 on CPU."""
+    mem_fraction_static: float = 0.0
+    """Share of a launched server's device memory for its weights and KV cache; 0 = SGLang's default on GPU, 0.05
+    on CPU. Lower it when the server shares its GPU with training."""
     parallel_sampling: Literal["auto", "on", "off"] = "auto"
     """Send each prompt's G samples as one SGLang request with ``n`` = G (its image is processed and prefilled
     once) instead of G requests. "auto": on for servers launched here (they are started with the transport it
@@ -48,6 +53,10 @@ class RolloutConfig:
         require(0 <= self.port < 65536, "rollout.port", self.port, "use 0 (free port) or a port number")
         require(self.max_running_requests >= 0, "rollout.max_running_requests", self.max_running_requests,
                 "use 0 (default) or a positive count")
+        require(self.max_total_tokens == 0 or self.max_total_tokens >= 256, "rollout.max_total_tokens",
+                self.max_total_tokens, "use 0 (the device's default) or >= 256")
+        require(0.0 <= self.mem_fraction_static < 1.0, "rollout.mem_fraction_static", self.mem_fraction_static,
+                "use a fraction in [0, 1); 0 picks the default")
         require(self.reward_overlap_chunks >= 1, "rollout.reward_overlap_chunks", self.reward_overlap_chunks,
                 "use >= 1")
         require(self.bucket_mb >= 1, "rollout.bucket_mb", self.bucket_mb, "use a positive size in MB")

@@ -38,6 +38,7 @@ of its decode time); see that file."""
 # a small static KV pool. float32 keeps its logprobs comparable with the trainer's at 1e-4.
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
              "--grammar-backend", "none", "--sleep-on-idle")
+CPU_MAX_TOTAL_TOKENS = 8192
 CPU_MAX_RUNNING_REQUESTS = 128
 """On CPU each scheduler iteration has a large fixed cost, so the whole rollout batch should run at once: 32
 completions of the demo's model take 1.5 s with 32 running requests and 16-35 s with 8; the demo's 128 (16
@@ -79,7 +80,9 @@ class ServerSpec:
     """"auto": cuda when torch sees a GPU, else cpu."""
     dtype: str = "auto"
     """"auto": float32 on CPU, the checkpoint's dtype on GPU."""
-    max_total_tokens: int = 8192
+    max_total_tokens: int = 0
+    """The KV cache's size in tokens; 0 = SGLang sizes it from ``mem_fraction_static`` on GPU, CPU_MAX_TOTAL_TOKENS
+    on CPU (its static pool there is small)."""
     max_running_requests: int = 0
     """Concurrent requests in the server's batch; 0 = SGLang's default on GPU, CPU_MAX_RUNNING_REQUESTS on CPU."""
     mem_fraction_static: float = 0.0
@@ -111,7 +114,8 @@ class ServerSpec:
         require(self.startup_timeout_s > 0, "server.startup_timeout_s", self.startup_timeout_s, "use seconds > 0")
         require(0.0 <= self.mem_fraction_static < 1.0, "server.mem_fraction_static", self.mem_fraction_static,
                 "use a fraction in [0, 1); 0 picks the default")
-        require(self.max_total_tokens >= 256, "server.max_total_tokens", self.max_total_tokens, "use >= 256")
+        require(self.max_total_tokens == 0 or self.max_total_tokens >= 256, "server.max_total_tokens",
+                self.max_total_tokens, "use 0 (the device's default) or >= 256")
         require(self.max_running_requests >= 0, "server.max_running_requests", self.max_running_requests,
                 "use 0 (the device's default) or a positive count")
 
@@ -164,7 +168,10 @@ class SGLangServer:
         batched = device == "cpu" and s.batched_cpu_decode
         launcher = [str(CPU_LAUNCHER)] if batched else ["-m", "sglang.launch_server"]
         cmd = [s.python or find_sglang_python(), *launcher, "--model-path", s.model_path,
-               "--host", s.host, "--port", str(self.port), "--max-total-tokens", str(s.max_total_tokens)]
+               "--host", s.host, "--port", str(self.port)]
+        total = s.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if device == "cpu" else 0)
+        if total:
+            cmd += ["--max-total-tokens", str(total)]
         running = s.max_running_requests or (CPU_MAX_RUNNING_REQUESTS if device == "cpu" else 0)
         if running:
             cmd += ["--max-running-requests", str(running)]

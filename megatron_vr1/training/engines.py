@@ -76,6 +76,7 @@ def build_engine(cfg: RunConfig) -> RolloutEngine:
     else:
         server = SGLangServer(ServerSpec(model_path=cfg.model.hf_path, host=r.host, port=r.port, api_key=r.api_key,
                                          max_running_requests=r.max_running_requests,
+                                         max_total_tokens=r.max_total_tokens, mem_fraction_static=r.mem_fraction_static,
                                          log_dir=str(Path(cfg.log.run_dir) / "sglang")))
         server.start()
         targets = [server]

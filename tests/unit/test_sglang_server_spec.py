@@ -42,3 +42,24 @@ def test_bad_specs_name_the_field_and_the_fix(model_dir, tmp_path):
         ServerSpec(model_path=str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="server.port"):
         ServerSpec(model_path=str(model_dir), port=70000)
+
+
+def test_kv_budget_and_memory_share_come_from_the_rollout_config(model_dir):
+    from megatron_vr1.config.rollout import RolloutConfig
+
+    def flag(cmd, name):
+        return cmd[cmd.index(name) + 1] if name in cmd else None
+
+    cpu = SGLangServer(ServerSpec(model_path=str(model_dir), device="cpu", python="/x/py")).command()
+    assert flag(cpu, "--max-total-tokens") == "8192" and flag(cpu, "--mem-fraction-static") == "0.05"
+    gpu = SGLangServer(ServerSpec(model_path=str(model_dir), device="cuda", python="/x/py")).command()
+    assert flag(gpu, "--max-total-tokens") is None and flag(gpu, "--mem-fraction-static") is None  # SGLang sizes
+    r = RolloutConfig(max_total_tokens=65536, mem_fraction_static=0.4)
+    set_ = SGLangServer(ServerSpec(model_path=str(model_dir), device="cuda", python="/x/py",
+                                   max_total_tokens=r.max_total_tokens, mem_fraction_static=r.mem_fraction_static))
+    cmd = set_.command()
+    assert flag(cmd, "--max-total-tokens") == "65536" and flag(cmd, "--mem-fraction-static") == "0.4"
+    with pytest.raises(ConfigError, match="rollout.max_total_tokens"):
+        RolloutConfig(max_total_tokens=100)
+    with pytest.raises(ConfigError, match="rollout.mem_fraction_static"):
+        RolloutConfig(mem_fraction_static=1.5)
