@@ -13,12 +13,18 @@
 #
 # The 10.200.0.0/24 addresses exist only inside namespaces this script creates; nothing is added to the
 # root namespace (the bridge lives in 'nbr'), so no traffic leaves them.
-# Knobs: NETNS_HOSTS=2, NETNS_DIR=/tmp/slurm-netns, NETNS_SUBNET=10.200.0, NETNS_CPUS=$(nproc) per host.
+# Each host also has its own /dev/shm and /tmp (bind mounts of $NETNS_DIR/hosts/ni/{shm,tmp} in its mount
+# namespace), as real hosts do: a same-host transport (shared memory, files in /tmp) fails between them as it
+# would between machines. What the hosts share is the rest of the filesystem, like a cluster's shared one:
+# keep what several hosts read (models, run dirs, NETNS_DIR itself) outside /tmp.
+# Knobs: NETNS_HOSTS=2, NETNS_DIR=/var/tmp/slurm-netns (not under /tmp), NETNS_SUBNET=10.200.0,
+#        NETNS_CPUS=$(nproc) per host.
 # Needs: root, iproute2, util-linux (nsenter/unshare); Slurm+munge from Debian (installed if missing).
 set -euo pipefail
 
 N=${NETNS_HOSTS:-2}
-DIR=${NETNS_DIR:-/tmp/slurm-netns}
+DIR=${NETNS_DIR:-/var/tmp/slurm-netns}
+case "$(realpath -m "$DIR")/" in /tmp/*) echo "NETNS_DIR=$DIR is under /tmp, which each simulated host has its own of; use another directory" >&2; exit 2 ;; esac
 NET=${NETNS_SUBNET:-10.200.0}
 CPUS=${NETNS_CPUS:-$(nproc)}
 export SLURM_CONF=$DIR/slurm.conf
@@ -29,13 +35,17 @@ log() { printf '[slurm-netns %(%T)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; for f in "$DIR"/log/*.log; do [ -f "$f" ] && { echo "== $f" >&2; tail -n 15 "$f" >&2; }; done; exit 1; }
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null && [ "$(ps -o comm= -p "$1" 2>/dev/null)" = "$2" ]; }
 
-# Run a command "on host ni": its network namespace, its own hostname, its own /etc/hosts.
+# Run a command "on host ni": its network namespace, its own hostname, /etc/hosts, /dev/shm and /tmp.
 # (Not 'ip netns exec': that remounts /sys without /sys/fs/cgroup, and slurmd 22.05 refuses to start
 #  without a cgroup mount even with proctrack/linuxproc + task/none.)
 on_host() {
   local h=$1; shift
-  nsenter --net="/run/netns/$h" unshare --uts --mount -- \
-    sh -c 'hostname "$0" && mount --bind "/etc/netns/$0/hosts" /etc/hosts && exec "$@"' "$h" "$@"
+  mkdir -p "$DIR/hosts/$h/tmp" "$DIR/hosts/$h/shm"
+  chmod 1777 "$DIR/hosts/$h/tmp" "$DIR/hosts/$h/shm"
+  nsenter --net="/run/netns/$h" unshare --uts --mount --propagation private -- \
+    sh -c 'hostname "$0" && mount --bind "/etc/netns/$0/hosts" /etc/hosts &&
+           mount --bind "$1/shm" /dev/shm && mount --bind "$1/tmp" /tmp && shift && exec "$@"' \
+    "$h" "$DIR/hosts/$h" "$@"
 }
 
 cmd_net_up() {
@@ -219,7 +229,7 @@ cmd_down() {
   local h
   # deleting a namespace destroys its veth end, and with it the peer in 'nbr'
   for h in $HOSTS nbr; do ip netns list | grep -qw "$h" && ip netns del "$h" && log "deleted netns $h"; done
-  for h in $HOSTS; do rm -rf "/etc/netns/$h"; done
+  for h in $HOSTS; do rm -rf "/etc/netns/$h" "$DIR/hosts/$h"; done
   rmdir /etc/netns 2>/dev/null || true
 }
 

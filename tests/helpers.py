@@ -59,3 +59,25 @@ def wait_until_gone(tag: str, timeout: float = 20.0) -> list[tuple[int, str]]:
     while (left := tagged_processes(tag)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+NETNS = REPO / "scripts" / "netns_hosts.sh"
+
+
+def simulated_hosts():
+    """Two simulated hosts n1, n2 (scripts/netns_hosts.sh: network, UTS and mount namespaces, each with its own
+    /dev/shm and /tmp). Yields (environment for the script, a directory both hosts see: their "shared
+    filesystem", outside /tmp). A generator for a module-scoped fixture."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="vr1-netns-", dir="/var/tmp"))
+    env = dict(os.environ, NETNS_HOSTS="2", NETNS_DIR=str(root / "netns"))
+    subprocess.run(["bash", str(NETNS), "down"], env=env, capture_output=True)  # leftovers of a killed run
+    subprocess.run(["bash", str(NETNS), "net-up"], env=env, check=True, capture_output=True, timeout=60)
+    (root / "shared").mkdir()
+    try:
+        yield env, root / "shared"
+    finally:
+        subprocess.run(["bash", str(NETNS), "down"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)

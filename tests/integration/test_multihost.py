@@ -1,5 +1,6 @@
-"""Two simulated hosts (network + UTS namespaces, their own addresses and hostnames): a TP=2 megatron-core
-training step with one rank per host, over gloo across the bridge, equals the single-process TP=1 step."""
+"""Two simulated hosts (network, UTS and mount namespaces: their own addresses, hostnames, /dev/shm and /tmp): a
+TP=2 megatron-core training step with one rank per host, over gloo across the bridge, equals the single-process
+TP=1 step; and the hosts share no /dev/shm or /tmp."""
 
 import json
 import os
@@ -10,21 +11,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-NETNS = REPO / "scripts" / "netns_hosts.sh"
+from helpers import NETNS, simulated_hosts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                  reason="network namespaces need root and iproute2")]
 
 
-@pytest.fixture(scope="module")
-def two_hosts(tmp_path_factory):
-    env = dict(os.environ, NETNS_HOSTS="2", NETNS_DIR=str(tmp_path_factory.mktemp("netns")))
-    subprocess.run(["bash", str(NETNS), "down"], env=env, capture_output=True)  # leftovers of a killed run
-    subprocess.run(["bash", str(NETNS), "net-up"], env=env, check=True, capture_output=True, timeout=60)
-    yield env
-    subprocess.run(["bash", str(NETNS), "down"], env=env, capture_output=True, timeout=120)
+two_hosts = pytest.fixture(scope="module")(simulated_hosts)
 
 
 def _smoke_cmd(*args: str) -> list[str]:
@@ -32,17 +26,18 @@ def _smoke_cmd(*args: str) -> list[str]:
 
 
 def test_tp2_step_with_one_rank_per_host(two_hosts, tmp_path):
-    out = tmp_path / "rank{rank}.json"
+    env_hosts, shared = two_hosts
+    out = shared / "rank{rank}.json"  # written on the hosts: their /tmp is their own
     procs = []
     for host in ("n1", "n2"):
         cmd = ["bash", str(NETNS), "on", host, "env", "GLOO_SOCKET_IFNAME=sim0", "OMP_NUM_THREADS=1",
                "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
                "--nproc_per_node=1", "--rdzv_id=vr1", "--rdzv_backend=c10d", "--rdzv_endpoint=n1:29400",
                "-m", "megatron_vr1.training.smoke", "--tp", "2", "--steps", "2", "--out", str(out)]
-        procs.append(subprocess.Popen(cmd, env=two_hosts, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen(cmd, env=env_hosts, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((shared / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["host"] for r in ranks) == ["n1", "n2"]  # really one rank per simulated host
 
     ref_file = tmp_path / "tp1.json"
@@ -53,3 +48,19 @@ def test_tp2_step_with_one_rank_per_host(two_hosts, tmp_path):
     for r in ranks:
         for a, b in zip(r["losses"] + r["grad_norms"], ref["losses"] + ref["grad_norms"]):
             assert abs(a - b) <= 1e-6 * abs(b), (r, ref)
+
+
+def test_hosts_have_their_own_dev_shm_and_tmp(two_hosts):
+    """What a real pair of hosts does not share, the simulated ones do not either: a same-host transport (shared
+    memory, files in /tmp) fails between them instead of working by accident."""
+    env_hosts, shared = two_hosts
+    name = f"vr1-probe-{os.getpid()}"
+
+    def on(host: str, script: str) -> str:
+        return subprocess.run(["bash", str(NETNS), "on", host, "sh", "-c", script], env=env_hosts, check=True,
+                              capture_output=True, text=True, timeout=60).stdout
+
+    on("n1", f"echo n1 > /dev/shm/{name} && echo n1 > /tmp/{name} && echo n1 > {shared}/{name}")
+    assert on("n1", f"cat /dev/shm/{name} /tmp/{name}").split() == ["n1", "n1"]  # every process of n1 sees them
+    assert on("n2", f"ls /dev/shm/{name} /tmp/{name} 2>/dev/null; cat {shared}/{name}").split() == ["n1"]
+    assert not Path(f"/dev/shm/{name}").exists() and not Path(f"/tmp/{name}").exists()  # nor the machine itself

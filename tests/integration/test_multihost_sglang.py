@@ -8,7 +8,8 @@ n1 (tests/integration/dedicated_sync_probe.py).
   the routing table, not 127.0.0.1), the server's TP ranks join the group, the new weights land, and the server's
   logprobs equal the in-process reference's with the same weights.
 
-The model directory lives under the test's tmp dir, which both namespaces see, as a cluster's shared filesystem.
+Each simulated host has its own /dev/shm and /tmp; the model, the logs and the report live in the directory both
+see, as on a cluster's shared filesystem.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import NETNS, REPO, simulated_hosts
 from sglang_testkit import build_assets
 
-REPO = Path(__file__).resolve().parents[2]
-NETNS = REPO / "scripts" / "netns_hosts.sh"
 PROBE = Path(__file__).with_name("dedicated_sync_probe.py")
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
@@ -36,13 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow,
                                  reason="network namespaces need root and iproute2")]
 
 
-@pytest.fixture(scope="module")
-def two_hosts(tmp_path_factory):
-    env = dict(os.environ, NETNS_HOSTS="2", NETNS_DIR=str(tmp_path_factory.mktemp("netns")))
-    subprocess.run(["bash", str(NETNS), "down"], env=env, capture_output=True)  # leftovers of a killed run
-    subprocess.run(["bash", str(NETNS), "net-up"], env=env, check=True, capture_output=True, timeout=60)
-    yield env
-    subprocess.run(["bash", str(NETNS), "down"], env=env, capture_output=True, timeout=120)
+two_hosts = pytest.fixture(scope="module")(simulated_hosts)
 
 
 def _on(host: str, *cmd: str) -> list[str]:
@@ -50,14 +44,15 @@ def _on(host: str, *cmd: str) -> list[str]:
             "CUDA_VISIBLE_DEVICES=", f"PYTHONPATH={REPO}", *cmd]
 
 
-def test_dedicated_server_on_another_host_is_synced_over_a_process_group(two_hosts, tmp_path):
-    assets = build_assets(tmp_path)
+def test_dedicated_server_on_another_host_is_synced_over_a_process_group(two_hosts):
+    env_hosts, shared = two_hosts
+    assets = build_assets(shared)
     key, port = secrets.token_hex(8), 30000 + os.getpid() % 20000
     server = subprocess.Popen(
         _on("n2", f"MEGATRON_VR1_SGLANG_API_KEY={key}", sys.executable, "-m", "megatron_vr1.cli", "serve-rollout",
             "--model", str(assets["model_dir"]), "--host", "0.0.0.0", "--port", str(port),
-            "--log-dir", str(tmp_path / "logs")),
-        env=two_hosts, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            "--log-dir", str(shared / "logs")),
+        env=env_hosts, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         lines = []
         for line in server.stdout:  # blocks until the server answers /health_generate (or serve-rollout exits)
@@ -68,10 +63,10 @@ def test_dedicated_server_on_another_host_is_synced_over_a_process_group(two_hos
         t0 = time.monotonic()
         probe = subprocess.run(
             _on("n1", sys.executable, str(PROBE), f"http://n2:{port}", str(assets["model_dir"]),
-                str(tmp_path / "report.json"), assets["image"], key),
-            env=two_hosts, cwd=REPO, capture_output=True, text=True, timeout=600)
+                str(shared / "report.json"), assets["image"], key),
+            env=env_hosts, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-6000:]
-        report = json.loads((tmp_path / "report.json").read_text())
+        report = json.loads((shared / "report.json").read_text())
         print(f"probe {time.monotonic() - t0:.1f} s: {report}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # serve-rollout stops its server on SIGTERM
