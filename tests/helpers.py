@@ -38,15 +38,13 @@ TAG_VAR = "MEGATRON_VR1_TEST_JOB"
 
 def tagged_processes(tag: str) -> list[tuple[int, str]]:
     """(pid, command line) of every live process whose environment carries ``TAG_VAR=tag``."""
-    needle = f"{TAG_VAR}={tag}\0".encode()
+    from megatron_vr1.parallel.reaper import processes_with
+
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in processes_with(TAG_VAR, tag):
         try:
-            if needle in (entry / "environ").read_bytes() + b"\0":
-                found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]))
-        except OSError:
+            found.append((pid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]))
+        except OSError:  # exited meanwhile
             continue
     return found
 

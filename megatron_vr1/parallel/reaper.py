@@ -58,8 +58,13 @@ def reap_on_exit() -> str | None:
 
 
 def marked_processes(mark: str) -> list[int]:
-    """Pids of the processes whose environment carries ``OWNER_VAR=mark`` (other users' are unreadable: skipped)."""
-    needle = f"{OWNER_VAR}={mark}\0".encode()
+    """Pids of the processes whose environment carries ``OWNER_VAR=mark``."""
+    return processes_with(OWNER_VAR, mark)
+
+
+def processes_with(var: str, value: str) -> list[int]:
+    """Pids of the other processes whose environment carries ``var=value`` (other users' are unreadable: skipped)."""
+    needle = f"\0{var}={value}\0".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -68,7 +73,7 @@ def marked_processes(mark: str) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:  # gone, or not ours
             continue
-        if needle in environ or environ.endswith(needle[:-1]):
+        if needle in b"\0" + environ + b"\0":
             found.append(int(entry.name))
     return found
 

@@ -45,6 +45,11 @@ def is_this_host(host: str) -> bool:
     return False
 
 
+def first_elsewhere(endpoints: list[Endpoint]) -> Endpoint | None:
+    """The first server not on this host (see ``is_this_host``), or None when all are here."""
+    return next((ep for ep in endpoints if not is_this_host(host_of(ep))), None)
+
+
 def route_address(host: str, port: int = 9) -> str:
     """The address of this machine's interface that traffic to ``host`` leaves from: what a server on ``host``
     can connect back to. (A UDP "connect" only asks the routing table; nothing is sent.)"""

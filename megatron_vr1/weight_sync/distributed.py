@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vr1.parallel.env import free_port
-from megatron_vr1.rollout.hosts import (TransportUnreachable, host_of, is_this_host, route_address,
+from megatron_vr1.rollout.hosts import (TransportUnreachable, first_elsewhere, host_of, route_address,
                                         server_tensor_parallel)
 from megatron_vr1.rollout.sglang_http import Endpoint, SGLangHTTPError, call
 from megatron_vr1.rollout.sglang_payloads import (destroy_group_payload, init_group_payload,
@@ -79,14 +79,12 @@ class DistributedTransport:
 
     def check_reach(self, endpoints: list[Endpoint]) -> None:
         """A loopback group address cannot be reached from a server on another host: refuse before sending."""
-        if not self.master_address or not self.master_address.startswith("127."):
+        if not self.master_address.startswith("127.") or (ep := first_elsewhere(endpoints)) is None:
             return
-        for ep in endpoints:
-            if not is_this_host(host_of(ep)):
-                raise TransportUnreachable(
-                    f"rollout.sync_transport=distributed: {ep.url} runs on another host ({host_of(ep)}) and cannot "
-                    f"reach the weight-update group at {self.master_address}; leave the group address empty "
-                    "(this host's address that routes to the server is used) or give a routable one")
+        raise TransportUnreachable(
+            f"rollout.sync_transport=distributed: {ep.url} runs on another host ({host_of(ep)}) and cannot "
+            f"reach the weight-update group at {self.master_address}; leave the group address empty "
+            "(this host's address that routes to the server is used) or give a routable one")
 
     def connect(self, endpoints: list[Endpoint]) -> None:
         """(Re)build the group with exactly these servers; an old group is torn down on both sides first."""

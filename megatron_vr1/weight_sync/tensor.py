@@ -23,7 +23,7 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 import torch.multiprocessing
 
-from megatron_vr1.rollout.hosts import TransportUnreachable, host_of, is_this_host
+from megatron_vr1.rollout.hosts import TransportUnreachable, first_elsewhere, host_of
 from megatron_vr1.rollout.sglang_http import Endpoint, call
 from megatron_vr1.rollout.sglang_payloads import update_from_tensor_payload
 from megatron_vr1.weight_sync.buckets import Bucket, bucket_nbytes, flatten_bucket
@@ -66,12 +66,11 @@ class TensorTransport:
 
     def check_reach(self, endpoints: list[Endpoint]) -> None:
         """Shared-memory and CUDA-IPC handles open only on this host: refuse a server elsewhere before sending."""
-        for ep in endpoints:
-            if not is_this_host(host_of(ep)):
-                raise TransportUnreachable(
-                    f"rollout.sync_transport=tensor hands the server shared-memory handles, which only a server on "
-                    f"this host can open, and {ep.url} runs on {host_of(ep)}: use rollout.sync_transport=distributed "
-                    "(a process group the server joins) or disk (a filesystem both hosts share)")
+        if (ep := first_elsewhere(endpoints)) is not None:
+            raise TransportUnreachable(
+                f"rollout.sync_transport=tensor hands the server shared-memory handles, which only a server on "
+                f"this host can open, and {ep.url} runs on {host_of(ep)}: use rollout.sync_transport=distributed "
+                "(a process group the server joins) or disk (a filesystem both hosts share)")
 
     def push(self, endpoints: list[Endpoint], buckets: Iterable[Bucket], version: int) -> TransportStats:
         """Send every bucket to every server (each server is one TP rank); each call is tagged ``version``."""
